@@ -1,0 +1,301 @@
+"""TasksBackend: our entry in Django's TASKS setting, and the way tasks reach a broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections, transaction
+from django.tasks import Task as DjangoTask
+from django.tasks import TaskResult as DjangoTaskResult
+from django.tasks import TaskResultStatus, task_backends
+from django.tasks.backends.base import BaseTaskBackend
+from django.tasks.base import TASK_MAX_PRIORITY, TASK_MIN_PRIORITY, TaskError
+from django.tasks.exceptions import InvalidTask, InvalidTaskBackend, TaskResultDoesNotExist
+from django.tasks.signals import task_enqueued
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from .brokers import Broker, create_broker
+from .conf import BackendConfig
+from .messages import Message, new_id
+from .registry import registry
+from .results.store import ResultStore
+from .states import DJANGO_STATUS
+from .task import Task
+
+if TYPE_CHECKING:
+    from .models import TaskResult
+
+
+class TasksBackend(BaseTaskBackend):
+    """Runs tasks on django_tasks workers through a Redis or database broker."""
+
+    task_class = Task
+    supports_defer = True
+    supports_async_task = True
+    supports_get_result = True
+    supports_priority = True
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        self.params = params
+
+    @cached_property
+    def config(self) -> BackendConfig:
+        """The validated OPTIONS; raises ConfigurationError (an ImproperlyConfigured)."""
+        return BackendConfig.from_params(self.alias, self.params)
+
+    @cached_property
+    def broker(self) -> Broker:
+        return create_broker(self.config)
+
+    def task_name(self, task: DjangoTask) -> str:
+        return task.name if isinstance(task, Task) else task.module_path
+
+    # Enqueueing -----------------------------------------------------------------------------
+
+    def enqueue(self, task: DjangoTask, args: Any, kwargs: Any) -> DjangoTaskResult:
+        """Django's enqueue(): queue the task and return a READY TaskResult."""
+        self.validate_task(task)
+        message = self.send(task, list(args), dict(kwargs))
+        result = self._django_result(task, message.id, TaskResultStatus.READY, args, kwargs)
+        object.__setattr__(result, "enqueued_at", timezone.now())
+        task_enqueued.send(type(self), task_result=result)
+        return result
+
+    def send(
+        self,
+        task: DjangoTask,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
+        countdown: float | timedelta | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        task_id: str | None = None,
+        on_commit: bool | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> Message:
+        """Build the message for one call of ``task`` and publish it. Returns the message."""
+        name = self.task_name(task)
+        route = self.config.routes.get(name, {})
+        message = Message(
+            id=task_id or new_id(),
+            task=name,
+            args=args,
+            kwargs=kwargs,
+            queue=self._queue(queue or route.get("queue") or task.queue_name),
+            priority=self._priority(priority, route.get("priority"), task.priority),
+            eta=_eta(countdown, eta, task.run_after),
+            expires=_expires(expires),
+            headers=dict(headers or {}),
+        )
+        self.publish(message, on_commit=on_commit)
+        return message
+
+    def publish(self, message: Message, *, on_commit: bool | None = None) -> None:
+        """Send ``message`` now, or when the current transaction commits (see PUBLISH_ON_COMMIT)."""
+        outgoing = self.broker.encode(message)
+        defer = self.config.publish_on_commit if on_commit is None else on_commit
+        using = self.config.database
+        if not self.broker.transactional and defer and connections[using].in_atomic_block:
+            transaction.on_commit(lambda: self.broker.send([outgoing]), using=using)
+        else:
+            self.broker.send([outgoing])
+
+    def _queue(self, queue: str) -> str:
+        if self.queues and queue not in self.queues:
+            raise InvalidTask(
+                f"Queue {queue!r} is not in TASKS[{self.alias!r}]['QUEUES'] "
+                f"({', '.join(sorted(self.queues))})."
+            )
+        return queue
+
+    @staticmethod
+    def _priority(explicit: int | None, routed: int | None, default: int) -> int:
+        value = next(p for p in (explicit, routed, default) if p is not None)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidTask(f"priority must be a whole number, not {value!r}.")
+        if not TASK_MIN_PRIORITY <= value <= TASK_MAX_PRIORITY:
+            raise InvalidTask(
+                f"priority must be between {TASK_MIN_PRIORITY} and {TASK_MAX_PRIORITY}, "
+                f"not {value}."
+            )
+        return value
+
+    # Results ----------------------------------------------------------------------------------
+
+    def get_result(self, result_id: str) -> DjangoTaskResult:
+        """Django's get_result(): the stored result, or READY while the message waits."""
+        row = ResultStore().get(result_id)
+        if row is not None:
+            return self.to_django_result(row)
+        message = self.broker.find(result_id, self._known_queues())
+        if message is None:
+            raise TaskResultDoesNotExist(result_id)
+        task = resolve_task(message.task)
+        return self._django_result(
+            task, message.id, TaskResultStatus.READY, message.args, message.kwargs
+        )
+
+    def _known_queues(self) -> list[str]:
+        return sorted(self.queues) if self.queues else [self.config.default_queue]
+
+    def to_django_result(self, row: TaskResult, task: DjangoTask | None = None) -> DjangoTaskResult:
+        """Our TaskResult row as Django's TaskResult."""
+        result = self._django_result(
+            task or resolve_task(row.task_name),
+            row.id,
+            DJANGO_STATUS[row.state],
+            row.args,
+            row.kwargs,
+        )
+        errors = [
+            TaskError(exception_class_path=e["exception_class_path"], traceback=e["traceback"])
+            for e in row.errors
+        ]
+        for attr, value in (
+            ("enqueued_at", row.enqueued_at),
+            ("started_at", row.started_at),
+            ("last_attempted_at", row.started_at),
+            ("finished_at", row.date_done),
+            ("errors", errors),
+            ("worker_ids", list(row.worker_ids)),
+            ("_return_value", row.result),
+        ):
+            object.__setattr__(result, attr, value)
+        return result
+
+    def _django_result(
+        self, task: DjangoTask, task_id: str, status: TaskResultStatus, args: Any, kwargs: Any
+    ) -> DjangoTaskResult:
+        return DjangoTaskResult(
+            task=task,
+            id=task_id,
+            status=status,
+            enqueued_at=None,
+            started_at=None,
+            finished_at=None,
+            last_attempted_at=None,
+            args=list(args),
+            kwargs=dict(kwargs),
+            backend=self.alias,
+            errors=[],
+            worker_ids=[],
+        )
+
+    # Checks -----------------------------------------------------------------------------------
+
+    def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
+        try:
+            config = self.config
+        except ImproperlyConfigured as exc:
+            return [checks.Error(str(exc), id="django_tasks.E001")]
+        errors: list[checks.CheckMessage] = []
+        if config.broker_kind == "database" and config.database not in settings.DATABASES:
+            errors.append(
+                checks.Error(
+                    f"TASKS[{self.alias!r}]['OPTIONS']['DATABASE'] names the database "
+                    f"{config.database!r}, which is not in DATABASES.",
+                    id="django_tasks.E002",
+                )
+            )
+        for route_name, route in config.routes.items():
+            queue = route.get("queue")
+            if queue and self.queues and queue not in self.queues:
+                errors.append(
+                    checks.Error(
+                        f"TASKS[{self.alias!r}]['OPTIONS']['ROUTES'][{route_name!r}] sends to "
+                        f"the queue {queue!r}, which is not in QUEUES.",
+                        id="django_tasks.E003",
+                    )
+                )
+        return errors
+
+
+def resolve_task(name: str) -> DjangoTask:
+    """The registered task called ``name``; imports the tasks modules once if needed."""
+    task = registry.get(name)
+    if task is None:
+        registry.autodiscover()
+        task = registry.get(name)
+    if task is None:
+        try:
+            candidate = import_string(name)
+        except ImportError:
+            candidate = None
+        if isinstance(candidate, DjangoTask):
+            task = candidate
+    if task is None:
+        raise TaskResultDoesNotExist(f"The task {name!r} of this result is not registered.")
+    return task
+
+
+def _eta(
+    countdown: float | timedelta | None, eta: datetime | None, run_after: datetime | None
+) -> float | None:
+    if countdown is not None and eta is not None:
+        raise InvalidTask("Give either countdown or eta, not both.")
+    if countdown is not None:
+        seconds = countdown.total_seconds() if isinstance(countdown, timedelta) else countdown
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise InvalidTask(f"countdown must be seconds or a timedelta, not {countdown!r}.")
+        return time.time() + seconds if seconds > 0 else None
+    when = eta if eta is not None else run_after
+    return None if when is None else _timestamp(when, "eta")
+
+
+def _expires(expires: float | timedelta | datetime | None) -> float | None:
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        return _timestamp(expires, "expires")
+    seconds = expires.total_seconds() if isinstance(expires, timedelta) else expires
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise InvalidTask(f"expires must be seconds, a timedelta or a datetime, not {expires!r}.")
+    return time.time() + seconds
+
+
+def _timestamp(when: datetime, option: str) -> float:
+    if not isinstance(when, datetime):
+        raise InvalidTask(f"{option} must be a datetime, not {when!r}.")
+    if timezone.is_naive(when):
+        when = timezone.make_aware(when, timezone.get_default_timezone())
+    return when.timestamp()
+
+
+# Our backend for an alias, even when TASKS does not configure one ------------------------------
+
+_implicit_backends: dict[str, TasksBackend] = {}
+_implicit_lock = threading.Lock()
+
+
+def get_backend(alias: str = "default") -> TasksBackend:
+    """Our backend for ``alias``; with no TasksBackend configured there, the database default.
+
+    A project that only adds the app gets the database broker with default options.
+    """
+    try:
+        backend = task_backends[alias]
+    except InvalidTaskBackend:
+        backend = None
+    if isinstance(backend, TasksBackend):
+        return backend
+    with _implicit_lock:
+        if alias not in _implicit_backends:
+            _implicit_backends[alias] = TasksBackend(alias, {})
+        return _implicit_backends[alias]
+
+
+def reset_implicit_backends() -> None:
+    with _implicit_lock:
+        _implicit_backends.clear()

@@ -1,0 +1,187 @@
+"""The OPTIONS of a TasksBackend entry in the TASKS setting: read once, validated, with defaults."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from django.tasks import DEFAULT_TASK_QUEUE_NAME
+
+from .exceptions import ConfigurationError
+
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+#: Every option a TasksBackend accepts, with its default.
+DEFAULTS: dict[str, Any] = {
+    "BROKER_URL": None,  # None: the database broker; redis://, rediss://, unix://: Redis.
+    "DATABASE": "default",  # The database alias of the database broker.
+    "ROUTES": {},  # {"app.tasks.name": {"queue": "hipri", "priority": 10}}
+    "LEASE_SECONDS": 30.0,  # How long a delivery stays leased without a heartbeat.
+    "PREFETCH": 4,  # Deliveries one consumer leases at a time.
+    "MAX_MESSAGE_SIZE": 1_000_000,  # Bytes, enforced at publish and at consume.
+    "RESULT_EXPIRES": 86400,  # Seconds finished results are kept (0: forever).
+    "IMPORTS": [],  # Modules imported at start besides each app's tasks module.
+    "REDIS_OPTIONS": {},  # Keyword arguments for redis.Redis.from_url().
+    "KEY_PREFIX": "dt",  # The namespace of every Redis key.
+    "PUBLISH_ON_COMMIT": True,  # Redis: inside atomic(), publish when the transaction commits.
+    "CONNECT_TIMEOUT": 5.0,  # Seconds delay() waits for an unreachable broker before raising.
+    "BEAT_SCHEDULE": {},  # Periodic tasks declared in settings (the scheduler).
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendConfig:
+    """The validated configuration of one TASKS alias served by our backend."""
+
+    alias: str
+    queues: tuple[str, ...]
+    broker_url: str | None
+    database: str
+    routes: Mapping[str, Mapping[str, Any]]
+    lease_seconds: float
+    prefetch: int
+    max_message_size: int
+    result_expires: float
+    imports: tuple[str, ...]
+    redis_options: Mapping[str, Any]
+    key_prefix: str
+    publish_on_commit: bool
+    connect_timeout: float
+    beat_schedule: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def broker_kind(self) -> str:
+        """``"redis"`` or ``"database"``."""
+        return "database" if self.broker_url is None else "redis"
+
+    @property
+    def default_queue(self) -> str:
+        return DEFAULT_TASK_QUEUE_NAME if not self.queues else self.queues[0]
+
+    def safe_broker_url(self) -> str:
+        """The broker URL with any password masked, fit for logs."""
+        if self.broker_url is None:
+            return f"database ({self.database})"
+        return mask_url(self.broker_url)
+
+    @classmethod
+    def from_params(cls, alias: str, params: Mapping[str, Any]) -> BackendConfig:
+        """Build from one TASKS entry; raise ConfigurationError naming the bad option."""
+        options = dict(params.get("OPTIONS") or {})
+        _reject_unknown(alias, options)
+        merged = {**DEFAULTS, **options}
+        prefix = f"TASKS[{alias!r}]['OPTIONS']"
+        return cls(
+            alias=alias,
+            queues=_queues(alias, params),
+            broker_url=_broker_url(prefix, merged["BROKER_URL"]),
+            database=_string(prefix, "DATABASE", merged["DATABASE"]),
+            routes=_routes(prefix, merged["ROUTES"]),
+            lease_seconds=_positive(prefix, "LEASE_SECONDS", merged["LEASE_SECONDS"]),
+            prefetch=int(_positive(prefix, "PREFETCH", merged["PREFETCH"], integer=True)),
+            max_message_size=int(
+                _positive(prefix, "MAX_MESSAGE_SIZE", merged["MAX_MESSAGE_SIZE"], integer=True)
+            ),
+            result_expires=_non_negative(prefix, "RESULT_EXPIRES", merged["RESULT_EXPIRES"]),
+            imports=tuple(_string_list(prefix, "IMPORTS", merged["IMPORTS"])),
+            redis_options=_mapping(prefix, "REDIS_OPTIONS", merged["REDIS_OPTIONS"]),
+            key_prefix=_string(prefix, "KEY_PREFIX", merged["KEY_PREFIX"]),
+            publish_on_commit=bool(merged["PUBLISH_ON_COMMIT"]),
+            connect_timeout=_positive(prefix, "CONNECT_TIMEOUT", merged["CONNECT_TIMEOUT"]),
+            beat_schedule=_mapping(prefix, "BEAT_SCHEDULE", merged["BEAT_SCHEDULE"]),
+        )
+
+
+def mask_url(url: str) -> str:
+    """Replace the password of a URL with asterisks."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _reject_unknown(alias: str, options: Mapping[str, Any]) -> None:
+    for key in options:
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(str(key), DEFAULTS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(
+                f"TASKS[{alias!r}]['OPTIONS'] has an unknown option {key!r}.{hint} "
+                f"Known options: {', '.join(sorted(DEFAULTS))}."
+            )
+
+
+def _queues(alias: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+    queues = params.get("QUEUES", [DEFAULT_TASK_QUEUE_NAME])
+    if isinstance(queues, str) or not all(isinstance(q, str) and q for q in queues):
+        raise ConfigurationError(f"TASKS[{alias!r}]['QUEUES'] must be a list of queue names.")
+    for name in queues:
+        if "{" in name or "}" in name or len(name) > 200:
+            raise ConfigurationError(
+                f"TASKS[{alias!r}]['QUEUES'] has an invalid queue name {name!r} "
+                "(at most 200 characters, no braces)."
+            )
+    return tuple(queues)
+
+
+def _broker_url(prefix: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{prefix}['BROKER_URL'] must be a string or None.")
+    scheme = urlsplit(value).scheme
+    if scheme not in REDIS_SCHEMES:
+        raise ConfigurationError(
+            f"{prefix}['BROKER_URL'] has the unsupported scheme {scheme!r}: use a redis://, "
+            "rediss:// or unix:// URL, or leave it out for the database broker."
+        )
+    return value
+
+
+def _routes(prefix: str, value: Any) -> Mapping[str, Mapping[str, Any]]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{prefix}['ROUTES'] must be a dict of task name -> options.")
+    for name, route in value.items():
+        if not isinstance(route, Mapping) or not set(route) <= {"queue", "priority"}:
+            raise ConfigurationError(
+                f"{prefix}['ROUTES'][{name!r}] must be a dict with 'queue' and/or 'priority'."
+            )
+    return value
+
+
+def _string(prefix: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{prefix}[{key!r}] must be a non-empty string.")
+    return value
+
+
+def _string_list(prefix: str, key: str, value: Any) -> list[str]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{prefix}[{key!r}] must be a list of strings.")
+    return list(value)
+
+
+def _mapping(prefix: str, key: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{prefix}[{key!r}] must be a dict.")
+    return value
+
+
+def _positive(prefix: str, key: str, value: Any, *, integer: bool = False) -> float:
+    number = _non_negative(prefix, key, value, integer=integer)
+    if number <= 0:
+        raise ConfigurationError(f"{prefix}[{key!r}] must be greater than zero.")
+    return number
+
+
+def _non_negative(prefix: str, key: str, value: Any, *, integer: bool = False) -> float:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigurationError(f"{prefix}[{key!r}] must be {kind} >= 0, not {value!r}.")
+    return float(value)

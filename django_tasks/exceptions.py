@@ -1,0 +1,63 @@
+"""The exceptions raised by django_tasks. Configuration errors subclass ImproperlyConfigured."""
+
+import builtins
+
+from django.core.exceptions import ImproperlyConfigured
+from django.tasks.exceptions import InvalidTask, TaskException
+
+
+class TasksError(TaskException):
+    """Base class of every runtime error raised by django_tasks."""
+
+
+class ConfigurationError(ImproperlyConfigured):
+    """The TASKS setting (or an option of it) is invalid."""
+
+
+class UnknownOptionError(InvalidTask, TypeError):
+    """apply_async() or the @task decorator was given an option it does not know."""
+
+
+class MessageError(TasksError):
+    """A message could not be encoded, decoded or accepted."""
+
+
+class EncodeError(MessageError, TypeError):
+    """The task's arguments are not JSON-serialisable."""
+
+
+class DecodeError(MessageError):
+    """A message in the broker is not a valid envelope; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class MessageTooLarge(MessageError, ValueError):
+    """The encoded message is larger than OPTIONS["MAX_MESSAGE_SIZE"]."""
+
+
+class BrokerError(TasksError):
+    """The broker failed to carry out an operation."""
+
+
+class BrokerConnectionError(BrokerError, ConnectionError):
+    """The broker cannot be reached (after the bounded connection wait)."""
+
+
+class TimeoutError(TasksError, builtins.TimeoutError):
+    """AsyncResult.get() waited longer than its timeout."""
+
+
+class TaskFailedError(TasksError):
+    """A task failed with an exception that cannot be rebuilt in this process."""
+
+    def __init__(self, exception_type: str, message: str) -> None:
+        super().__init__(f"{exception_type}: {message}")
+        self.exception_type = exception_type
+        self.message = message
+
+
+class TaskRevokedError(TasksError):
+    """The task was revoked (or expired) before it could finish."""

@@ -1,0 +1,139 @@
+"""The message envelope and its JSON codec.
+
+A message is what a broker carries: JSON text, never pickle. The envelope is versioned (``"v"``); a
+worker dead-letters any version it does not know instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.tasks.base import TASK_MAX_PRIORITY, TASK_MIN_PRIORITY
+
+from .exceptions import DecodeError, EncodeError, MessageTooLarge
+
+PROTOCOL_VERSION = 1
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_decoder = json.JSONDecoder()
+
+
+def new_id() -> str:
+    """A new task id."""
+    return str(uuid.uuid4())
+
+
+@dataclass(slots=True, kw_only=True)
+class Message:
+    """One request to run a task. Times are Unix timestamps (seconds, UTC)."""
+
+    id: str
+    task: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    eta: float | None = None
+    expires: float | None = None
+    retries: int = 0
+    root_id: str | None = None
+    parent_id: str | None = None
+    group_id: str | None = None
+    callbacks: list[Any] = field(default_factory=list)
+    errbacks: list[Any] = field(default_factory=list)
+    headers: dict[str, Any] = field(default_factory=dict)
+    enqueued_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "id": self.id,
+            "task": self.task,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "queue": self.queue,
+            "priority": self.priority,
+            "eta": self.eta,
+            "expires": self.expires,
+            "retries": self.retries,
+            "root_id": self.root_id,
+            "parent_id": self.parent_id,
+            "group_id": self.group_id,
+            "callbacks": self.callbacks,
+            "errbacks": self.errbacks,
+            "headers": self.headers,
+            "enqueued_at": self.enqueued_at,
+        }
+
+
+def encode(message: Message, max_size: int | None = None) -> str:
+    """Encode to JSON text; raise EncodeError or MessageTooLarge with a clear reason."""
+    try:
+        body = _encoder.encode(message.to_dict())
+    except (TypeError, ValueError) as exc:
+        raise EncodeError(
+            f"The arguments of task {message.task!r} are not JSON-serialisable: {exc}. "
+            "Pass plain data (str, int, float, bool, None, lists and dicts), e.g. a model's "
+            "primary key instead of the instance."
+        ) from exc
+    if max_size is not None and len(body) > max_size and len(body.encode()) > max_size:
+        raise MessageTooLarge(
+            f"The message for task {message.task!r} is {len(body.encode())} bytes, over the "
+            f"limit of {max_size} bytes (OPTIONS['MAX_MESSAGE_SIZE'])."
+        )
+    return body
+
+
+# Field name -> (accepted types, required). bool is excluded from numbers below.
+_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "id": ((str,), True),
+    "task": ((str,), True),
+    "args": ((list,), True),
+    "kwargs": ((dict,), True),
+    "queue": ((str,), True),
+    "priority": ((int,), False),
+    "eta": ((int, float, type(None)), False),
+    "expires": ((int, float, type(None)), False),
+    "retries": ((int,), False),
+    "root_id": ((str, type(None)), False),
+    "parent_id": ((str, type(None)), False),
+    "group_id": ((str, type(None)), False),
+    "callbacks": ((list,), False),
+    "errbacks": ((list,), False),
+    "headers": ((dict,), False),
+    "enqueued_at": ((int, float), False),
+}
+
+
+def decode(body: str | bytes, max_size: int | None = None) -> Message:
+    """Decode JSON text into a Message; raise DecodeError whose ``reason`` says what is wrong."""
+    if max_size is not None and len(body) > max_size:
+        raise DecodeError(f"message is {len(body)} bytes, over the limit of {max_size} bytes")
+    try:
+        data = _decoder.decode(body.decode() if isinstance(body, bytes) else body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DecodeError("not a JSON object")
+    version = data.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(f"unsupported envelope version {version!r} (expected {PROTOCOL_VERSION})")
+    for name, (types, required) in _SCHEMA.items():
+        if name not in data:
+            if required:
+                raise DecodeError(f"missing field {name!r}")
+            continue
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise DecodeError(f"field {name!r} has the wrong type {type(value).__name__}")
+    unknown = set(data) - set(_SCHEMA)
+    if unknown:
+        raise DecodeError(f"unknown fields {sorted(unknown)}")
+    priority = data.get("priority", 0)
+    if not TASK_MIN_PRIORITY <= priority <= TASK_MAX_PRIORITY:
+        raise DecodeError(f"priority {priority} is out of range")
+    return Message(**data)

@@ -1,0 +1,31 @@
+"""Signals sent around the execution of a task, in the worker process.
+
+Django's own ``django.tasks.signals`` (task_enqueued, task_started, task_finished) are sent too,
+as Django documents them. A receiver's exception is logged, never propagated into the task.
+
+- ``task_prerun(sender=task, task_id, task, args, kwargs)``: just before the task runs.
+- ``task_postrun(sender=task, task_id, task, args, kwargs, retval, state)``: after it ran.
+- ``task_success(sender=task, task_id, result)``: it returned.
+- ``task_failure(sender=task, task_id, exception, traceback)``: it raised (last attempt).
+- ``task_retry(sender=task, task_id, reason, eta)``: another attempt is scheduled.
+- ``task_revoked(sender=task, task_id, reason)``: it will not run (revoked or expired).
+"""
+
+from django.core.signals import setting_changed
+from django.dispatch import Signal, receiver
+
+task_prerun = Signal()
+task_postrun = Signal()
+task_success = Signal()
+task_failure = Signal()
+task_retry = Signal()
+task_revoked = Signal()
+
+
+@receiver(setting_changed)
+def reset_backends(*, setting: str, **kwargs: object) -> None:
+    """Forget cached backends (and their brokers) when a test overrides TASKS."""
+    if setting == "TASKS":
+        from .backend import reset_implicit_backends
+
+        reset_implicit_backends()

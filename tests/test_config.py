@@ -1,0 +1,83 @@
+"""The TASKS setting: validation with clear messages, as system checks."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from django_tasks.backend import get_backend
+from django_tasks.conf import BackendConfig, mask_url
+from django_tasks.exceptions import ConfigurationError
+
+BACKEND = "django_tasks.backend.TasksBackend"
+check_db = pytest.mark.django_db
+
+
+def config(**options: object) -> BackendConfig:
+    return BackendConfig.from_params("default", {"OPTIONS": options})
+
+
+def test_defaults_use_the_database_broker() -> None:
+    conf = config()
+    assert conf.broker_kind == "database"
+    assert conf.database == "default"
+    assert conf.max_message_size == 1_000_000
+    assert conf.queues == ("default",)
+
+
+def test_redis_url_selects_redis() -> None:
+    assert config(BROKER_URL="redis://127.0.0.1:6379/0").broker_kind == "redis"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"BROKER_URLS": "redis://x"}, "unknown option 'BROKER_URLS'. Did you mean 'BROKER_URL'"),
+        ({"BROKER_URL": "amqp://x"}, "unsupported scheme 'amqp'"),
+        ({"LEASE_SECONDS": 0}, "LEASE_SECONDS'] must be greater than zero"),
+        ({"PREFETCH": 1.5}, "PREFETCH'] must be a whole number"),
+        ({"ROUTES": {"a.b": {"queue": "x", "speed": 1}}}, "ROUTES']['a.b'] must be a dict"),
+        ({"IMPORTS": "a.b"}, "IMPORTS'] must be a list"),
+    ],
+)
+def test_bad_options_are_named(options: dict, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        config(**options)
+
+
+def test_passwords_are_masked() -> None:
+    assert mask_url("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
+    assert "s3cret" not in config(BROKER_URL="redis://:s3cret@host/0").safe_broker_url()
+
+
+@check_db
+@override_settings(TASKS={"default": {"BACKEND": BACKEND, "OPTIONS": {"BROKER_URL": "http://x"}}})
+def test_check_reports_bad_configuration() -> None:
+    with pytest.raises(SystemCheckError, match=r"django_tasks\.E001"):
+        call_command("check")
+    with pytest.raises(ConfigurationError):
+        get_backend().config  # noqa: B018
+
+
+@check_db
+@override_settings(
+    TASKS={
+        "default": {
+            "BACKEND": BACKEND,
+            "QUEUES": ["default"],
+            "OPTIONS": {"ROUTES": {"a.b": {"queue": "elsewhere"}}, "DATABASE": "nope"},
+        }
+    }
+)
+def test_check_reports_unknown_database_and_route_queue() -> None:
+    with pytest.raises(SystemCheckError) as info:
+        call_command("check")
+    assert "django_tasks.E002" in str(info.value)
+    assert "django_tasks.E003" in str(info.value)
+
+
+@check_db
+def test_check_passes_on_the_test_settings() -> None:
+    call_command("check")

@@ -1,0 +1,110 @@
+"""Tasks used by the test suite; workers started by the tests discover them."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from django.db import connection
+from django.tasks import TaskContext
+from django.tasks import task as django_task
+
+from django_tasks import task
+
+
+@task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@task(name="custom-name", queue="hipri", priority=5)
+def named() -> str:
+    return "named"
+
+
+@task
+def routed() -> str:
+    return "routed"
+
+
+@task(bind=True)
+def whoami(self: Any) -> dict[str, Any]:
+    return {"id": self.request.id, "task": self.request.task, "retries": self.request.retries}
+
+
+class CustomError(Exception):
+    pass
+
+
+@task
+def fail(message: str = "boom") -> None:
+    raise CustomError(message)
+
+
+@task
+def fail_value(message: str) -> None:
+    raise ValueError(message)
+
+
+@task
+def returns_unserialisable() -> object:
+    return object()
+
+
+@task(ignore_result=True)
+def fire_and_forget(marker: str) -> None:
+    record(marker)
+
+
+@task
+def record(marker: str) -> int:
+    """Record one execution of ``marker`` in the database; return how many there are now."""
+    from tests.testapp.models import Execution
+
+    Execution.objects.create(marker=marker, pid=os.getpid())
+    return Execution.objects.filter(marker=marker).count()
+
+
+@task
+def sleep_then_record(marker: str, seconds: float) -> str:
+    time.sleep(seconds)
+    record(marker)
+    return marker
+
+
+@task
+def pid() -> int:
+    return os.getpid()
+
+
+@task
+def vendor() -> str:
+    return connection.vendor
+
+
+@django_task
+def django_add(x: int, y: int) -> int:
+    return x + y
+
+
+@django_task(takes_context=True)
+def django_attempt(context: TaskContext, value: str) -> dict[str, Any]:
+    return {"attempt": context.attempt, "id": context.task_result.id, "value": value}
+
+
+@django_task(priority=10, queue_name="hipri")
+def django_failing() -> None:
+    raise CustomError("django failure")
+
+
+@task
+def slow_once(marker: str, seconds: float = 60) -> str:
+    """Record the first attempt, then sleep; any later attempt returns at once."""
+    from tests.testapp.models import Execution
+
+    first = not Execution.objects.filter(marker=marker).exists()
+    record(marker)
+    if first:
+        time.sleep(seconds)
+    return "done"
