@@ -1,0 +1,546 @@
+"""The database broker: queues kept in the QueuedMessage table of one of the project's databases.
+
+A message is a row. ``consume`` leases rows by writing ``leased_until`` and a random
+``lease_token``; every later operation on a delivery names its row *and* its token, so a consumer
+whose lease expired and was taken by another can no longer ack, extend, release or requeue it.
+
+On PostgreSQL, consumers lease with ``SELECT ... FOR UPDATE SKIP LOCKED`` and sleep on
+LISTEN/NOTIFY: ``send`` notifies a channel per queue (on commit, as NOTIFY is transactional) and an
+idle consumer wakes at once. Without SKIP LOCKED (SQLite), one conditional UPDATE leases; without
+NOTIFY, idle consumers poll every ``poll_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from functools import reduce
+from operator import or_
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connections, transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from ..conf import BackendConfig
+from ..exceptions import BrokerConnectionError, DecodeError
+from ..messages import Message, decode
+from ..models import QueuedMessage, QueuedMessageQuerySet
+from .base import Broker, Delivery, Outgoing, PollingWaiter, ResultWaiter
+
+try:
+    import psycopg
+    from psycopg import sql
+except ImportError:  # Django may run PostgreSQL on psycopg2: then consumers poll.
+    psycopg = None  # type: ignore[assignment]
+    sql = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+logger = logging.getLogger("django_tasks.brokers.database")
+
+#: The order of QueuedMessageQuerySet.ready(): higher priority first, then publish order.
+DELIVERY_ORDER = ("-priority", "available_at", "id")
+#: The PostgreSQL channel of result notifications; payloads are JSON lists of task ids.
+RESULTS_CHANNEL = "dt_results"
+#: NOTIFY payloads must stay under 8000 bytes.
+MAX_PAYLOAD = 7900
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+#: How long to retry a claim while SQLite reports "database is locked".
+LOCKED_RETRY_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+
+
+class DatabaseBroker(Broker):
+    """A broker over the QueuedMessage table of the database ``config.database``."""
+
+    #: send() runs on the caller's connection: it commits or rolls back with the caller's data.
+    transactional = True
+    #: Seconds between two passes that return expired leases to their queue.
+    lease_check_interval = 0.5
+    #: The longest an idle PostgreSQL consumer sleeps before looking again (a safety net for
+    #: expired leases and missed notifications; due delayed messages wake it on time).
+    max_wait = 1.0
+    #: The polling interval of an idle consumer where the database cannot notify.
+    poll_interval = 0.05
+
+    def __init__(self, config: BackendConfig) -> None:
+        super().__init__(config)
+        self.alias = config.database
+        self._next_lease_check = 0.0
+        # One LISTEN connection per consuming thread: a waiting thread holds its connection.
+        self._listeners: dict[int, Listener] = {}
+        self._listeners_lock = threading.Lock()
+
+    # Plumbing -------------------------------------------------------------------------------
+
+    @property
+    def connection(self) -> BaseDatabaseWrapper:
+        return connections[self.alias]
+
+    @property
+    def skip_locked(self) -> bool:
+        """Whether the database has SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL does)."""
+        return bool(self.connection.features.has_select_for_update_skip_locked)
+
+    @property
+    def can_notify(self) -> bool:
+        """Whether the database has NOTIFY (whatever the driver of this process)."""
+        return self.connection.vendor == "postgresql"
+
+    @property
+    def can_listen(self) -> bool:
+        """Whether this process can LISTEN: PostgreSQL and psycopg 3."""
+        return self.can_notify and psycopg is not None
+
+    def messages(self) -> QueuedMessageQuerySet:
+        """Every message of this broker's database."""
+        return QueuedMessage.objects.using(self.alias)
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn a lost or broken database connection into BrokerConnectionError.
+
+        The broken connection is closed (unless the caller's transaction holds it) so that the
+        next call reconnects.
+        """
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            if not self.connection.in_atomic_block:
+                self.connection.close_if_unusable_or_obsolete()
+            raise BrokerConnectionError(
+                f"The database broker could not {action} on the database {self.alias!r}: {exc}"
+            ) from exc
+
+    # Sending --------------------------------------------------------------------------------
+
+    def send(self, batch: Sequence[Outgoing]) -> None:
+        """Insert the batch with one INSERT, then wake the consumers of its queues."""
+        if not batch:
+            return
+        now = timezone.now()
+        rows = [self._row(message, body, now) for message, body in batch]
+        with self._errors("store messages"):
+            self.messages().bulk_create(rows)
+            self._notify_queues(m.queue for m, _ in batch if _due_soon(m.eta, self.max_wait))
+
+    def _row(self, message: Message, body: str, now: datetime) -> QueuedMessage:
+        return QueuedMessage(
+            task_id=message.id,
+            queue=message.queue,
+            priority=message.priority,
+            available_at=_available_at(message.eta, now),
+            body=body,
+            created_at=now,
+        )
+
+    def _notify_queues(self, queues: Iterable[str]) -> None:
+        """NOTIFY the channels of ``queues``; transactional, so it fires on commit."""
+        channels = sorted({queue_channel(q) for q in queues})
+        if channels and self.can_notify:
+            self._pg_notify(channels, [""] * len(channels))
+
+    def _pg_notify(self, channels: list[str], payloads: list[str]) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)",
+                [channels, payloads],
+            )
+
+    # Consuming ------------------------------------------------------------------------------
+
+    def consume(self, queues: Sequence[str], count: int, timeout: float) -> list[Delivery]:
+        """Lease up to ``count`` deliveries, waiting up to ``timeout`` seconds for one."""
+        deadline = time.monotonic() + timeout
+        # LISTEN before the first claim, so that nothing published after it goes unnoticed.
+        listener = self._listener(queues) if timeout > 0 and self.can_listen else None
+        while True:
+            if listener is not None:
+                listener.drain()  # The claim below answers every notification so far.
+            deliveries = self._claim_all(queues, count)
+            remaining = deadline - time.monotonic()
+            if deliveries or remaining <= 0:
+                return deliveries
+            self._wait(listener, queues, remaining)
+
+    def _claim_all(self, queues: Sequence[str], count: int) -> list[Delivery]:
+        deliveries: list[Delivery] = []
+        with self._errors("lease messages"):
+            self._return_expired_leases()
+            for queue in queues:
+                if len(deliveries) >= count:
+                    break
+                deliveries += self._claim(queue, count - len(deliveries))
+        return deliveries
+
+    def _return_expired_leases(self) -> None:
+        """Put messages whose lease expired back in their queue, at most every interval."""
+        if time.monotonic() < self._next_lease_check:
+            return
+        self._next_lease_check = time.monotonic() + self.lease_check_interval
+        expired = self.messages().expired_leases(timezone.now())
+        if not self.skip_locked:
+            self._retry_locked(lambda: expired.update(leased_until=None, lease_token=""))
+            return
+        with transaction.atomic(using=self.alias):
+            # Skip the rows another consumer holds: this never waits, so it never deadlocks.
+            expired = self.messages().filter(
+                pk__in=expired.select_for_update(skip_locked=True).values("pk")
+            )
+            expired.update(leased_until=None, lease_token="")
+
+    def _claim(self, queue: str, count: int) -> list[Delivery]:
+        claim = self._claim_skipping_locked if self.skip_locked else self._claim_serialised
+        token = secrets.token_hex(16)
+        rows = self._retry_locked(lambda: claim(queue, count, token))
+        return [self._delivery(queue, token, *row) for row in rows]
+
+    def _claim_skipping_locked(self, queue: str, count: int, token: str) -> list[tuple[Any, ...]]:
+        """Lock ready rows no one else holds, then lease them: BEGIN, SELECT, UPDATE, COMMIT."""
+        now = timezone.now()
+        with transaction.atomic(using=self.alias):
+            ready = self.messages().ready(queue, now).select_for_update(skip_locked=True)
+            rows = list(ready.values_list("pk", "body", "delivery_count")[:count])
+            if rows:
+                leased = self.messages().filter(pk__in=[pk for pk, _, _ in rows])
+                leased.update(**self._lease(now, token))
+        return [(pk, body, deliveries + 1) for pk, body, deliveries in rows]
+
+    def _claim_serialised(self, queue: str, count: int, token: str) -> list[tuple[Any, ...]]:
+        """Lease with one UPDATE whose subquery picks the rows, then read them back.
+
+        Without SKIP LOCKED, the UPDATE itself must re-check that the rows are free: on SQLite a
+        statement runs under the database's write lock, so two consumers never take one row.
+        """
+        now = timezone.now()
+        picked = self.messages().ready(queue, now).values("pk")[:count]
+        if not self.messages().filter(pk__in=picked).update(**self._lease(now, token)):
+            return []
+        leased = self.messages().leased_by(token).order_by(*DELIVERY_ORDER)
+        return list(leased.values_list("pk", "body", "delivery_count"))
+
+    def _lease(self, now: datetime, token: str) -> dict[str, Any]:
+        """The column values of a new lease."""
+        return {
+            "leased_until": now + timedelta(seconds=self.config.lease_seconds),
+            "lease_token": token,
+            "delivery_count": F("delivery_count") + 1,
+        }
+
+    def _retry_locked[T](self, operation: Callable[[], T]) -> T:
+        """Run ``operation``, retrying briefly while SQLite says "database is locked"."""
+        for delay in LOCKED_RETRY_DELAYS:
+            try:
+                return operation()
+            except OperationalError as exc:
+                if "locked" not in str(exc) or self.connection.in_atomic_block:
+                    raise
+            time.sleep(delay)
+        return operation()
+
+    def _delivery(
+        self, queue: str, token: str, pk: int, body: str, delivery_count: int
+    ) -> Delivery:
+        try:
+            message, error = decode(body, self.config.max_message_size), None
+        except DecodeError as exc:
+            message, error = None, exc.reason
+        return Delivery(
+            tag=f"{pk}:{token}",
+            queue=queue,
+            body=body,
+            message=message,
+            error=error,
+            delivery_count=delivery_count,
+        )
+
+    # Waiting --------------------------------------------------------------------------------
+
+    def _wait(self, listener: Listener | None, queues: Sequence[str], remaining: float) -> None:
+        """Sleep until a notification, the next delayed message, ``max_wait`` or ``remaining``."""
+        if listener is None:
+            time.sleep(min(remaining, self.poll_interval))
+            return
+        timeout = min(remaining, self.max_wait)
+        next_due = self._seconds_to_next_due(queues)
+        if next_due is not None:
+            timeout = min(timeout, max(next_due, 0.0))
+        listener.wait(timeout)
+
+    def _seconds_to_next_due(self, queues: Sequence[str]) -> float | None:
+        """Seconds until the next delayed message of ``queues`` is due (one query)."""
+        if not queues:
+            return None
+        now = timezone.now()
+        # One index probe per queue (dt_queue_delayed), UNION ALL-ed into one round trip.
+        heads = [self.messages().delayed(q, now).values_list("available_at")[:1] for q in queues]
+        with self._errors("read the delayed messages"):
+            found = list(heads[0].union(*heads[1:], all=True)) if len(heads) > 1 else list(heads[0])
+        return min((at - now).total_seconds() for (at,) in found) if found else None
+
+    def _listener(self, queues: Sequence[str]) -> Listener:
+        """This thread's LISTEN connection, listening to ``queues``."""
+        key = threading.get_ident()
+        with self._listeners_lock:
+            listener = self._listeners.get(key)
+            if listener is None or listener.closed:
+                listener = self._listeners[key] = Listener(self.alias, self.config.connect_timeout)
+        listener.listen(queue_channel(q) for q in queues)
+        return listener
+
+    # Ending leases --------------------------------------------------------------------------
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Delete the rows these leases still own, with one DELETE."""
+        if deliveries:
+            with self._errors("acknowledge messages"):
+                # QuerySet.delete() would wrap this single statement in BEGIN ... COMMIT; the
+                # table has no relations and no signals to honour, so delete directly.
+                deleted = self._owned(deliveries)._raw_delete(self.alias)
+            _warn_if_lost("ack", deliveries, deleted)
+
+    def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
+        """Turn the leased row into ``message``, ready at ``eta``, with one UPDATE."""
+        body = self.encode(message)[1]
+        with self._errors("requeue a message"):
+            updated = self._owned([delivery]).update(
+                task_id=message.id,
+                queue=message.queue,
+                priority=message.priority,
+                body=body,
+                available_at=_available_at(eta, timezone.now()),
+                leased_until=None,
+                lease_token="",
+                delivery_count=0,
+            )
+            if updated and _due_soon(eta, self.max_wait):
+                self._notify_queues([message.queue])
+        _warn_if_lost("requeue", [delivery], updated)
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """End the leases, keeping the delivery counts; the messages are ready at once."""
+        if deliveries:
+            with self._errors("release messages"):
+                self._owned(deliveries).update(leased_until=None, lease_token="")
+                self._notify_queues(d.queue for d in deliveries)
+
+    def extend(self, deliveries: Sequence[Delivery]) -> None:
+        """Push back the end of the leases these deliveries still own, with one UPDATE."""
+        if deliveries:
+            until = timezone.now() + timedelta(seconds=self.config.lease_seconds)
+            with self._errors("extend leases"):
+                extended = self._owned(deliveries).update(leased_until=until)
+            _warn_if_lost("extend", deliveries, extended)
+
+    def _owned(self, deliveries: Sequence[Delivery]) -> QueuedMessageQuerySet:
+        """The rows of ``deliveries`` whose lease is still theirs (same row, same token)."""
+        by_token: dict[str, list[int]] = {}
+        for delivery in deliveries:
+            pk, _, token = delivery.tag.partition(":")
+            by_token.setdefault(token, []).append(int(pk))
+        condition = reduce(or_, (Q(lease_token=t, pk__in=pks) for t, pks in by_token.items()))
+        return self.messages().filter(condition)
+
+    # Inspection -----------------------------------------------------------------------------
+
+    def queue_lengths(self, queues: Sequence[str]) -> dict[str, int]:
+        """Count ready, delayed and leased messages per queue in one query."""
+        with self._errors("count messages"):
+            counts = (
+                self.messages()
+                .filter(queue__in=queues)
+                .values_list("queue")
+                .annotate(n=Count("pk"))
+                .order_by()
+            )
+            found = dict(counts)
+        return {queue: found.get(queue, 0) for queue in queues}
+
+    def purge(self, queue: str) -> int:
+        """Delete the messages of ``queue`` that no live lease holds."""
+        free = Q(leased_until__isnull=True) | Q(leased_until__lt=timezone.now())
+        with self._errors("purge a queue"):
+            deleted, _ = self.messages().filter(free, queue=queue).delete()
+        return deleted
+
+    def find(self, task_id: str, queues: Sequence[str]) -> Message | None:
+        """The latest message of ``task_id`` in ``queues``; None if absent or undecodable."""
+        with self._errors("find a message"):
+            rows = self.messages().filter(task_id=task_id, queue__in=queues).order_by("-pk")
+            body = rows.values_list("body", flat=True).first()
+        try:
+            return None if body is None else decode(body, self.config.max_message_size)
+        except DecodeError:
+            return None
+
+    # Results --------------------------------------------------------------------------------
+
+    def notify_results(self, task_ids: Sequence[str]) -> None:
+        """On PostgreSQL, announce stored results on RESULTS_CHANNEL in one statement."""
+        if task_ids and self.can_notify:
+            payloads = list(_payloads(task_ids))
+            with self._errors("announce results"):
+                self._pg_notify([RESULTS_CHANNEL] * len(payloads), payloads)
+
+    def result_waiter(self, task_id: str) -> ResultWaiter:
+        """A waiter woken by notify_results() on PostgreSQL; a polling one elsewhere."""
+        if not self.can_listen:
+            return PollingWaiter()
+        try:
+            return NotifiedWaiter(Listener(self.alias, self.config.connect_timeout), task_id)
+        except BrokerConnectionError as exc:
+            # The result store may still answer: waiting by polling is slower, not wrong.
+            logger.warning("Waiting for results by polling: %s", exc)
+            return PollingWaiter()
+
+    def close(self) -> None:
+        """Close the LISTEN connections; they reopen on the next consume()."""
+        with self._listeners_lock:
+            listeners, self._listeners = list(self._listeners.values()), {}
+        for listener in listeners:
+            listener.close()
+
+
+class Listener:
+    """A dedicated autocommit psycopg connection that LISTENs to channels.
+
+    Raises BrokerConnectionError (after closing itself) when the connection fails.
+    """
+
+    def __init__(self, alias: str, connect_timeout: float) -> None:
+        self.alias = alias
+        self.channels: set[str] = set()
+        with self._errors("connect"):
+            self.connection = psycopg.connect(**_listen_params(alias, connect_timeout))
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.connection.closed)
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.Error as exc:
+            if hasattr(self, "connection"):
+                self.connection.close()
+            raise BrokerConnectionError(
+                f"The database broker could not {action} its LISTEN connection to the database "
+                f"{self.alias!r}: {exc}"
+            ) from exc
+
+    def listen(self, channels: Iterable[str]) -> None:
+        """LISTEN to the ``channels`` not listened to yet."""
+        with self._errors("listen on"):
+            for channel in sorted(set(channels) - self.channels):
+                self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                self.channels.add(channel)
+
+    def drain(self) -> None:
+        """Forget the notifications received so far, without waiting."""
+        self.wait(0)
+
+    def wait(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds for notifications; return their payloads."""
+        with self._errors("wait on"):
+            return [n.payload for n in self.connection.notifies(timeout=timeout, stop_after=1)]
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class NotifiedWaiter(ResultWaiter):
+    """Waits for notify_results() to name one task id."""
+
+    def __init__(self, listener: Listener, task_id: str) -> None:
+        listener.listen([RESULTS_CHANNEL])
+        self.listener = listener
+        self.task_id = task_id
+        self.fallback: PollingWaiter | None = None
+
+    def wait(self, timeout: float) -> None:
+        """Return when the task id is announced, or after ``timeout`` seconds."""
+        if self.fallback is not None:
+            return self.fallback.wait(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                if any(self._names_task(p) for p in self.listener.wait(remaining)):
+                    return None
+        except BrokerConnectionError as exc:
+            # The caller re-reads the result store after every wait: keep it going by polling.
+            logger.warning("Waiting for results by polling: %s", exc)
+            self.fallback = PollingWaiter()
+        return None
+
+    def _names_task(self, payload: str) -> bool:
+        try:
+            return self.task_id in json.loads(payload)
+        except (ValueError, TypeError):
+            return True  # A spurious wake-up is harmless; a missed one is not.
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def queue_channel(queue: str) -> str:
+    """The NOTIFY channel of a queue: a valid identifier whatever the queue's name."""
+    return "dt_q_" + hashlib.sha256(queue.encode()).hexdigest()[:32]
+
+
+def _warn_if_lost(action: str, deliveries: Sequence[Delivery], done: int) -> None:
+    """Log the deliveries whose lease expired and was taken over before ``action``."""
+    if done < len(deliveries):
+        logger.warning(
+            "%d of %d %s(s) did nothing: the lease expired and the message was (or will be) "
+            "delivered again. Raise LEASE_SECONDS or extend leases more often.",
+            len(deliveries) - done,
+            len(deliveries),
+            action,
+        )
+
+
+def _available_at(eta: float | None, now: datetime) -> datetime:
+    """When a message with this ``eta`` (a Unix time) may be delivered, as the database wants."""
+    if eta is None:
+        return now
+    when = datetime.fromtimestamp(eta, tz=UTC)
+    return when if settings.USE_TZ else timezone.make_naive(when)
+
+
+def _due_soon(eta: float | None, within: float) -> bool:
+    """Whether a message is due before a waiting consumer would look again anyway."""
+    return eta is None or eta - time.time() < within
+
+
+def _payloads(task_ids: Sequence[str]) -> Iterator[str]:
+    """JSON lists of ``task_ids``, each small enough for one NOTIFY."""
+    chunk: list[str] = []
+    size = 2  # The brackets.
+    for task_id in task_ids:
+        item = len(_compact.encode(task_id).encode()) + 1  # With its comma.
+        if chunk and size + item > MAX_PAYLOAD:
+            yield _compact.encode(chunk)
+            chunk, size = [], 2
+        chunk.append(task_id)
+        size += item
+    if chunk:
+        yield _compact.encode(chunk)
+
+
+def _listen_params(alias: str, connect_timeout: float) -> dict[str, Any]:
+    """psycopg.connect() arguments for a connection of its own to the database ``alias``."""
+    params = connections[alias].get_connection_params()  # Without any pool.
+    params.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
+    params["autocommit"] = True
+    return params

@@ -1,0 +1,216 @@
+"""One contract, every broker: Redis, the database broker on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from django_tasks.brokers import Broker
+from django_tasks.messages import Message, new_id
+from tests.conftest import BrokerFactory
+
+
+def message(task: str = "tests.testapp.tasks.add", **fields: object) -> Message:
+    fields.setdefault("args", [1, 2])
+    return Message(id=new_id(), task=task, **fields)  # type: ignore[arg-type]
+
+
+def drain(broker: Broker, queues: list[str] | None = None, count: int = 100) -> list[Message]:
+    """Consume, ack and return everything that is ready now."""
+    got: list[Message] = []
+    while True:
+        deliveries = broker.consume(queues or ["default"], count, timeout=0.05)
+        if not deliveries:
+            return got
+        broker.ack(deliveries)
+        got.extend(d.message for d in deliveries if d.message)
+
+
+def consume_until(broker: Broker, want: int, deadline: float = 10.0, **kw: object):
+    """Consume until ``want`` deliveries arrived or the deadline passed."""
+    got = []
+    end = time.monotonic() + deadline
+    while len(got) < want and time.monotonic() < end:
+        got.extend(broker.consume(kw.get("queues", ["default"]), want - len(got), timeout=0.2))
+    return got
+
+
+def test_publish_consume_ack(broker: Broker) -> None:
+    sent = message(kwargs={"x": "é"})
+    broker.publish(sent)
+    assert broker.queue_lengths(["default"]) == {"default": 1}
+    [delivery] = broker.consume(["default"], 10, timeout=1)
+    assert delivery.message == sent
+    assert delivery.queue == "default"
+    assert delivery.error is None
+    assert delivery.delivery_count == 1
+    broker.ack([delivery])
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+    assert broker.consume(["default"], 10, timeout=0.05) == []
+
+
+def test_fifo_within_a_priority(broker: Broker) -> None:
+    sent = [message() for _ in range(20)]
+    for m in sent:
+        broker.publish(m)
+    assert [m.id for m in drain(broker, count=3)] == [m.id for m in sent]
+
+
+def test_publish_many_keeps_order(broker: Broker) -> None:
+    sent = [message() for _ in range(50)]
+    broker.publish_many(sent)
+    assert [m.id for m in drain(broker, count=7)] == [m.id for m in sent]
+
+
+def test_higher_priority_first(broker: Broker) -> None:
+    low, mid, high, top = (message(priority=p) for p in (-10, 0, 10, 100))
+    for m in (low, mid, high, top):
+        broker.publish(m)
+    later_mid = message(priority=0)
+    broker.publish(later_mid)
+    assert [m.id for m in drain(broker, count=1)] == [top.id, high.id, mid.id, later_mid.id, low.id]
+
+
+def test_queues_are_separate_and_taken_in_order(broker: Broker) -> None:
+    a, b = message(queue="hipri"), message(queue="default")
+    broker.publish(b)
+    broker.publish(a)
+    assert drain(broker, ["lopri"]) == []
+    assert [m.id for m in drain(broker, ["hipri", "default"], count=1)] == [a.id, b.id]
+
+
+def test_delayed_message_is_not_delivered_early(broker: Broker) -> None:
+    eta = time.time() + 1.0
+    delayed = message(eta=eta)
+    broker.publish(delayed)
+    assert broker.consume(["default"], 10, timeout=0.2) == []
+    assert broker.queue_lengths(["default"]) == {"default": 1}
+    [delivery] = consume_until(broker, 1)
+    assert time.time() >= eta
+    assert delivery.message.id == delayed.id
+
+
+def test_expired_lease_is_delivered_again(make_broker: BrokerFactory) -> None:
+    first, second = make_broker(LEASE_SECONDS=0.5), make_broker(LEASE_SECONDS=0.5)
+    sent = message()
+    first.publish(sent)
+    [leased] = first.consume(["default"], 1, timeout=1)
+    assert leased.message == sent
+    assert second.consume(["default"], 1, timeout=0.1) == []
+    [again] = consume_until(second, 1)
+    assert again.message.id == sent.id
+    assert again.delivery_count == 2
+    second.ack([again])
+    assert second.queue_lengths(["default"]) == {"default": 0}
+
+
+def test_extend_keeps_the_lease(make_broker: BrokerFactory) -> None:
+    owner, other = make_broker(LEASE_SECONDS=0.6), make_broker(LEASE_SECONDS=0.6)
+    owner.publish(message())
+    [leased] = owner.consume(["default"], 1, timeout=1)
+    end = time.monotonic() + 1.8
+    while time.monotonic() < end:
+        owner.extend([leased])
+        assert other.consume(["default"], 1, timeout=0.2) == []
+    owner.ack([leased])
+
+
+def test_release_makes_it_ready_at_once(broker: Broker) -> None:
+    sent = message()
+    broker.publish(sent)
+    [leased] = broker.consume(["default"], 1, timeout=1)
+    broker.release([leased])
+    [again] = broker.consume(["default"], 1, timeout=1)
+    assert again.message.id == sent.id
+
+
+def test_requeue_replaces_the_message(broker: Broker) -> None:
+    sent = message()
+    broker.publish(sent)
+    [leased] = broker.consume(["default"], 1, timeout=1)
+    retry = message(retries=1)
+    retry.id = sent.id
+    broker.requeue(leased, retry, eta=time.time() + 0.5)
+    assert broker.consume(["default"], 1, timeout=0.1) == []
+    [again] = consume_until(broker, 1)
+    assert again.message.retries == 1
+    broker.ack([again])
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+
+
+def test_two_consumers_never_get_the_same_message(make_broker: BrokerFactory) -> None:
+    producer = make_broker()
+    sent = [message() for _ in range(200)]
+    producer.publish_many(sent)
+    seen: list[list[str]] = [[], []]
+
+    def consume(index: int) -> None:
+        consumer = make_broker()
+        while True:
+            deliveries = consumer.consume(["default"], 5, timeout=0.3)
+            if not deliveries:
+                return
+            seen[index].extend(d.message.id for d in deliveries)
+            consumer.ack(deliveries)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(m.id for m in sent)
+
+
+def test_consume_wakes_when_a_message_arrives(broker: Broker, make_broker: BrokerFactory) -> None:
+    producer = make_broker()
+    sent = message()
+    timer = threading.Timer(0.3, producer.publish, args=(sent,))
+    timer.start()
+    try:
+        deliveries = broker.consume(["default"], 1, timeout=10)
+    finally:
+        timer.join()
+    assert [d.message.id for d in deliveries] == [sent.id]
+
+
+def test_purge_and_queue_lengths(broker: Broker) -> None:
+    broker.publish_many([message() for _ in range(3)] + [message(queue="hipri")])
+    broker.publish(message(eta=time.time() + 60))
+    assert broker.queue_lengths(["default", "hipri", "lopri"]) == {
+        "default": 4,
+        "hipri": 1,
+        "lopri": 0,
+    }
+    assert broker.purge("default") == 4
+    assert broker.queue_lengths(["default", "hipri"]) == {"default": 0, "hipri": 1}
+
+
+def test_find_a_waiting_message(broker: Broker) -> None:
+    sent = message(queue="hipri")
+    broker.publish(sent)
+    assert broker.find(sent.id, ["default", "hipri"]) == sent
+    assert broker.find(new_id(), ["default", "hipri"]) is None
+    broker.ack(broker.consume(["hipri"], 1, timeout=1))
+    assert broker.find(sent.id, ["default", "hipri"]) is None
+
+
+def test_undecodable_body_is_delivered_with_its_error(broker: Broker) -> None:
+    bad = message()
+    broker.send([(bad, "{not json")])
+    good = message()
+    broker.publish(good)
+    first, second = consume_until(broker, 2)
+    assert first.message is None
+    assert first.body == "{not json"
+    assert "not valid JSON" in (first.error or "")
+    assert second.message == good
+
+
+def test_oversize_body_is_refused_at_consume(make_broker: BrokerFactory) -> None:
+    big = make_broker(MAX_MESSAGE_SIZE=10_000_000)
+    small = make_broker(MAX_MESSAGE_SIZE=1000)
+    big.publish(message(args=["x" * 5000]))
+    [delivery] = small.consume(["default"], 1, timeout=1)
+    assert delivery.message is None
+    assert "over the limit" in (delivery.error or "")

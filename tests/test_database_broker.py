@@ -1,0 +1,313 @@
+"""The database broker beyond the contract: transactions, LISTEN/NOTIFY, query counts, leases."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connections, transaction
+from django.test.utils import CaptureQueriesContext
+
+from django_tasks.brokers.base import Delivery
+from django_tasks.brokers.database import DatabaseBroker
+from django_tasks.conf import BackendConfig
+from django_tasks.exceptions import BrokerConnectionError
+from django_tasks.messages import Message, new_id
+
+HAS_POSTGRES = "postgres" in settings.DATABASES
+POSTGRES_MARKS = [
+    pytest.mark.skipif(not HAS_POSTGRES, reason="PostgreSQL is not answering"),
+    pytest.mark.django_db(databases=["default", "postgres"], transaction=True),
+]
+ALIASES = [
+    pytest.param("default", id="sqlite", marks=pytest.mark.django_db(transaction=True)),
+    pytest.param("postgres", id="postgres", marks=POSTGRES_MARKS),
+]
+postgres_only = pytest.mark.parametrize("alias", [ALIASES[1]])
+both = pytest.mark.parametrize("alias", ALIASES)
+
+BrokerMaker = Callable[..., DatabaseBroker]
+
+
+class Rollback(Exception):
+    pass
+
+
+def message(**fields: Any) -> Message:
+    return Message(id=new_id(), task="tests.testapp.tasks.add", **fields)
+
+
+@pytest.fixture
+def make(alias: str) -> Iterator[BrokerMaker]:
+    """Build database brokers on ``alias``; ``make(LEASE_SECONDS=1)`` sets options."""
+    made: list[DatabaseBroker] = []
+
+    def factory(**options: Any) -> DatabaseBroker:
+        params = {"QUEUES": ["default", "hipri"], "OPTIONS": {"DATABASE": alias, **options}}
+        broker = DatabaseBroker(BackendConfig.from_params("default", params))
+        made.append(broker)
+        return broker
+
+    yield factory
+    for broker in made:
+        broker.close()
+
+
+def start[T](function: Callable[[], T]) -> Callable[[], T]:
+    """Run ``function`` in another thread (so on other database connections); return a join."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    def join() -> T:
+        thread.join(60)
+        assert not thread.is_alive()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return join
+
+
+def in_thread[T](function: Callable[[], T]) -> T:
+    """Run ``function`` in another thread and return its result."""
+    return start(function)()
+
+
+def wait_for(condition: Callable[[], bool], deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, "the condition did not hold in time"
+        time.sleep(0.01)
+
+
+def consume_until(broker: DatabaseBroker, want: int, deadline: float = 10.0) -> list[Delivery]:
+    got: list[Delivery] = []
+    end = time.monotonic() + deadline
+    while len(got) < want and time.monotonic() < end:
+        got += broker.consume(["default"], want - len(got), timeout=0.2)
+    return got
+
+
+def postgres_sessions(where: str) -> list[int]:
+    """The backend pids of other sessions on the test database matching ``where``."""
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            f"AND pid <> pg_backend_pid() AND {where}"
+        )
+        return [pid for (pid,) in cursor.fetchall()]
+
+
+def terminate(pid: int) -> None:
+    """Kill a PostgreSQL session, as a server restart would, and wait until it is gone."""
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    wait_for(lambda: not postgres_sessions(f"pid = {int(pid)}"))
+
+
+# Transactions -------------------------------------------------------------------------------
+
+
+@both
+def test_send_rolls_back_with_the_callers_transaction(make: BrokerMaker, alias: str) -> None:
+    broker = make()
+    with pytest.raises(Rollback), transaction.atomic(using=alias):
+        broker.publish(message())
+        assert broker.queue_lengths(["default"]) == {"default": 1}
+        raise Rollback
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+    assert broker.consume(["default"], 1, timeout=0) == []
+
+
+@both
+def test_send_commits_with_the_callers_transaction(make: BrokerMaker, alias: str) -> None:
+    producer, consumer = make(), make()
+    sent = message()
+    with transaction.atomic(using=alias):
+        producer.publish(sent)
+        assert in_thread(lambda: consumer.queue_lengths(["default"])) == {"default": 0}
+    [delivery] = in_thread(lambda: consumer.consume(["default"], 1, timeout=5))
+    assert delivery.message == sent
+
+
+# Leases ---------------------------------------------------------------------------------------
+
+
+@both
+def test_a_stale_lease_owner_cannot_touch_the_message(make: BrokerMaker) -> None:
+    first, second = make(LEASE_SECONDS=0.3), make(LEASE_SECONDS=30)
+    sent = message()
+    first.publish(sent)
+    [stale] = first.consume(["default"], 1, timeout=1)
+    [fresh] = consume_until(second, 1)
+    assert fresh.message == sent
+    assert fresh.delivery_count == 2
+    first.ack([stale])
+    first.extend([stale])
+    first.release([stale])
+    first.requeue(stale, message())
+    assert second.queue_lengths(["default"]) == {"default": 1}
+    assert second.find(sent.id, ["default"]) == sent
+    assert first.consume(["default"], 1, timeout=0) == []  # Still leased by the second.
+    second.ack([fresh])
+    assert second.queue_lengths(["default"]) == {"default": 0}
+
+
+@both
+def test_requeue_resets_the_delivery_count(make: BrokerMaker) -> None:
+    broker = make()
+    sent = message()
+    broker.publish(sent)
+    [first] = broker.consume(["default"], 1, timeout=1)
+    retry = message(retries=1, queue="hipri", priority=5)
+    broker.requeue(first, retry)
+    assert broker.queue_lengths(["default", "hipri"]) == {"default": 0, "hipri": 1}
+    [again] = broker.consume(["hipri"], 1, timeout=1)
+    assert again.message == retry
+    assert again.delivery_count == 1
+
+
+@both
+def test_oversize_body_is_refused_at_consume(make: BrokerMaker) -> None:
+    big, small = make(MAX_MESSAGE_SIZE=10_000_000), make(MAX_MESSAGE_SIZE=1000)
+    big.publish(message(args=["x" * 5000]))
+    [delivery] = small.consume(["default"], 1, timeout=1)
+    assert delivery.message is None
+    assert "over the limit" in (delivery.error or "")
+    assert len(delivery.body) > 5000
+
+
+# Waking ---------------------------------------------------------------------------------------
+
+
+@postgres_only
+def test_an_idle_consumer_is_woken_by_a_publish(make: BrokerMaker) -> None:
+    consumer, producer = make(), make()
+    consumer.max_wait = 600  # Within the test's timeout, only a notification can wake it.
+    sent = message()
+
+    def publish_once_listening() -> None:
+        wait_for(lambda: bool(postgres_sessions("state = 'idle' AND query LIKE 'LISTEN %'")))
+        producer.publish(sent)
+
+    published = start(publish_once_listening)
+    deliveries = consumer.consume(["default"], 1, timeout=60)
+    published()
+    assert [d.message for d in deliveries] == [sent]
+
+
+@postgres_only
+def test_an_idle_consumer_wakes_when_a_delayed_message_is_due(make: BrokerMaker) -> None:
+    broker = make()
+    broker.max_wait = 600  # Only the computed time of the next due message can wake it.
+    delayed = message(queue="hipri", eta=time.time() + 0.3)
+    broker.publish(delayed)
+    [delivery] = broker.consume(["default", "hipri"], 1, timeout=60)
+    assert delivery.message == delayed
+
+
+@postgres_only
+def test_result_waiter_wakes_when_its_task_is_announced(make: BrokerMaker) -> None:
+    waiting, announcing = make(), make()
+    task_ids = [new_id() for _ in range(500)]  # More than one NOTIFY payload can carry.
+    woke = threading.Event()
+    with waiting.result_waiter(task_ids[-1]) as waiter:
+        thread = threading.Thread(target=lambda: (waiter.wait(120), woke.set()))
+        thread.start()
+        announcing.notify_results(task_ids)
+        assert woke.wait(60)
+        thread.join(5)
+
+
+def test_result_waiter_polls_on_sqlite() -> None:
+    params = {"OPTIONS": {"DATABASE": "default"}}
+    broker = DatabaseBroker(BackendConfig.from_params("default", params))
+    with broker.result_waiter(new_id()) as waiter:
+        waiter.wait(0.01)
+    broker.notify_results([new_id()])  # Nobody listens: nothing to do, nothing raised.
+
+
+# Query counts -----------------------------------------------------------------------------------
+
+
+def sql_of(alias: str, operation: Callable[[], object]) -> list[str]:
+    with CaptureQueriesContext(connections[alias]) as context:
+        operation()
+    return [query["sql"] for query in context.captured_queries]
+
+
+@postgres_only
+def test_postgres_query_counts(make: BrokerMaker) -> None:
+    broker = make()
+    broker.consume(["default"], 1, timeout=0)  # Returns expired leases (none) once.
+    broker.lease_check_interval = 3600
+    publish = sql_of("postgres", lambda: broker.publish_many([message(), message()]))
+    assert [q.split()[0] for q in publish] == ["INSERT", "SELECT"]
+    assert "pg_notify" in publish[1]
+
+    deliveries: list[Delivery] = []
+    claim = sql_of("postgres", lambda: deliveries.extend(broker.consume(["default"], 10, 0)))
+    assert len(deliveries) == 2
+    assert [q.split()[0] for q in claim] == ["BEGIN", "SELECT", "UPDATE", "COMMIT"]
+    assert claim[1].endswith("FOR UPDATE SKIP LOCKED")
+
+    assert len(sql_of("postgres", lambda: broker.extend(deliveries))) == 1
+    assert [q.split()[0] for q in sql_of("postgres", lambda: broker.ack(deliveries))] == ["DELETE"]
+    assert len(sql_of("postgres", lambda: broker.queue_lengths(["default", "hipri"]))) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sqlite_claim_is_one_update_and_one_read() -> None:
+    params = {"OPTIONS": {"DATABASE": "default"}}
+    broker = DatabaseBroker(BackendConfig.from_params("default", params))
+    broker.consume(["default"], 1, timeout=0)
+    broker.lease_check_interval = 3600
+    broker.publish_many([message(), message()])
+    deliveries: list[Delivery] = []
+    claim = sql_of("default", lambda: deliveries.extend(broker.consume(["default"], 10, 0)))
+    assert len(deliveries) == 2
+    assert [q.split()[0] for q in claim] == ["UPDATE", "SELECT"]
+
+
+# Lost connections -------------------------------------------------------------------------------
+
+
+@postgres_only
+def test_a_lost_connection_raises_then_reconnects(make: BrokerMaker) -> None:
+    broker = make()
+    broker.queue_lengths(["default"])
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    in_thread(lambda: terminate(pid))
+    with pytest.raises(BrokerConnectionError, match="'postgres'"):
+        broker.queue_lengths(["default"])
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+
+
+@postgres_only
+def test_a_lost_listen_connection_raises_then_reconnects(make: BrokerMaker) -> None:
+    broker = make()
+    assert broker.consume(["default"], 1, timeout=0.01) == []
+    [pid] = postgres_sessions("query LIKE 'LISTEN %'")
+    terminate(pid)
+    with pytest.raises(BrokerConnectionError, match="LISTEN"):
+        broker.consume(["default"], 1, timeout=0.01)
+    sent = message()
+    broker.publish(sent)
+    [delivery] = broker.consume(["default"], 1, timeout=1)
+    assert delivery.message == sent
