@@ -1,0 +1,110 @@
+"""``manage.py runworker``: start a worker (a supervisor and its pool)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from ...backend import get_backend
+from ...worker import Worker
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+
+
+class Command(BaseCommand):
+    help = "Run a django_tasks worker: consume the queues and run their tasks."
+    requires_system_checks = "__all__"
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "-c",
+            "--concurrency",
+            type=int,
+            default=os.cpu_count() or 1,
+            help="Pool size: processes or threads (default: the number of CPUs).",
+        )
+        parser.add_argument(
+            "-Q",
+            "--queues",
+            default="",
+            help="Comma-separated queues to consume, earlier first (default: the default queue).",
+        )
+        parser.add_argument(
+            "--pool",
+            choices=["process", "thread"],
+            default="process",
+            help="Run tasks in forked processes (default) or in threads.",
+        )
+        parser.add_argument(
+            "-l",
+            "--loglevel",
+            default="INFO",
+            choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+            type=str.upper,
+            help="Level of the worker's log (default: INFO).",
+        )
+        parser.add_argument("--backend", default="default", help="The TASKS alias to serve.")
+        parser.add_argument(
+            "--prefetch",
+            type=int,
+            default=None,
+            help="Deliveries each pool member leases at a time (default: OPTIONS['PREFETCH']).",
+        )
+        parser.add_argument(
+            "--max-tasks",
+            type=int,
+            default=None,
+            help="Each pool member exits after this many tasks; the worker exits when all have.",
+        )
+        parser.add_argument(
+            "--burst",
+            action="store_true",
+            help="Exit once the queues are empty instead of waiting for more work.",
+        )
+        parser.add_argument("-n", "--hostname", default=None, help="Name this worker reports.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self._configure_logging(options["loglevel"])
+        backend = get_backend(options["backend"])
+        queues = [q.strip() for q in options["queues"].split(",") if q.strip()]
+        self._validate(backend.queues, queues, options)
+        worker_options: dict[str, Any] = {
+            "backend": options["backend"],
+            "queues": queues,
+            "concurrency": options["concurrency"],
+            "pool": options["pool"],
+            "prefetch": options["prefetch"],
+            "max_tasks": options["max_tasks"],
+            "burst": options["burst"],
+        }
+        if options["hostname"]:
+            worker_options["hostname"] = options["hostname"]
+        Worker(**worker_options).run()
+
+    @staticmethod
+    def _validate(known: set[str], queues: list[str], options: dict[str, Any]) -> None:
+        unknown = [q for q in queues if known and q not in known]
+        if unknown:
+            raise CommandError(
+                f"Unknown queue(s) {', '.join(unknown)}; TASKS['{options['backend']}']['QUEUES'] "
+                f"has {', '.join(sorted(known))}."
+            )
+        for name in ("concurrency", "prefetch", "max_tasks"):
+            value = options[name]
+            if value is not None and value < 1:
+                raise CommandError(f"--{name.replace('_', '-')} must be at least 1.")
+
+    @staticmethod
+    def _configure_logging(level: str) -> None:
+        """Log to stderr unless the project's LOGGING already routes our logger somewhere."""
+        logger = logging.getLogger("django_tasks")
+        logger.setLevel(level)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+            logger.propagate = False
+        for existing in logger.handlers:
+            if existing.formatter is None:
+                existing.setFormatter(logging.Formatter(LOG_FORMAT))

@@ -1,0 +1,342 @@
+"""The Worker: one parent process supervising a pool of consumers.
+
+Process pool (the default): each child is a forked process running one Consumer that takes work
+from the broker itself: no per-task traffic through the parent. The parent restarts children that
+die, records the worker's heartbeat, and turns signals into a warm then a cold shutdown.
+
+Thread pool: the consumers are threads of this process. A running task cannot be interrupted in
+a thread, so the second signal releases the unfinished deliveries and exits the process.
+
+Signals: the first SIGTERM/SIGINT stops consuming; running tasks finish, unstarted prefetched ones
+go back to the queue, then the worker exits 0. A second signal aborts the running tasks; their
+deliveries go back to the queue at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from django.db import close_old_connections, connections
+from django.utils import timezone
+
+from ..backend import TasksBackend, get_backend
+from ..models import Worker as WorkerRecord
+from ..registry import registry
+from .consumer import Consumer
+from .execution import Abort
+
+logger = logging.getLogger("django_tasks.worker")
+
+HEARTBEAT_INTERVAL = 5.0
+SUPERVISE_INTERVAL = 0.2
+#: A child that dies sooner than this after its start delays its restart (crash loop guard).
+RESTART_DELAY = 1.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@dataclass(kw_only=True)
+class WorkerOptions:
+    backend: str = "default"
+    queues: Sequence[str] = ()
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    pool: str = "process"
+    prefetch: int | None = None
+    max_tasks: int | None = None
+    burst: bool = False
+    hostname: str = field(default_factory=socket.gethostname)
+
+
+class Worker:
+    """Runs tasks until told to stop. ``Worker(queues=["default"]).run()``."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = WorkerOptions(**options)
+        self.backend: TasksBackend = get_backend(self.options.backend)
+        self.queues = list(self.options.queues) or [self.backend.config.default_queue]
+        self.name = f"{self.options.hostname}:{os.getpid()}"
+        self.signals_received = 0
+        self._stop = threading.Event()
+
+    # Start-up -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped; return the exit status (0 after a clean shutdown)."""
+        registry.autodiscover(self.backend.config.imports)
+        self._log_banner()
+        self._record(started=True)
+        self._install_signal_handlers()
+        pool = ProcessPool(self) if self.options.pool == "process" else ThreadPool(self)
+        try:
+            pool.run()
+        finally:
+            self._record(stopped=True)
+            logger.info("Worker %s stopped", self.name)
+        return 0
+
+    def _log_banner(self) -> None:
+        config = self.backend.config
+        tasks = "\n".join(f"    . {name}" for name in registry.names())
+        logger.info(
+            "django_tasks worker %s ready\n  broker:      %s\n  queues:      %s\n"
+            "  concurrency: %d (%s pool)\n  tasks:\n%s",
+            self.name,
+            config.safe_broker_url(),
+            ", ".join(self.queues),
+            self.options.concurrency,
+            self.options.pool,
+            tasks or "    (none)",
+        )
+
+    # Signals ------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals_received += 1
+        name = signal.Signals(signum).name
+        if self.signals_received == 1:
+            logger.info("%s received: finishing running tasks (again to abort them)", name)
+        else:
+            logger.warning("%s received again: aborting running tasks", name)
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def aborting(self) -> bool:
+        return self.signals_received > 1
+
+    def wait(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    # Heartbeat ----------------------------------------------------------------------------------
+
+    def _record(self, *, started: bool = False, stopped: bool = False, processed: int = 0) -> None:
+        """Create, refresh or close this worker's row (the admin's list of workers)."""
+        now = timezone.now()
+        fields: dict[str, Any] = {"last_seen": now, "processed": processed}
+        if started:
+            fields.update(
+                hostname=self.options.hostname,
+                pid=os.getpid(),
+                backend=self.options.backend,
+                queues=self.queues,
+                concurrency=self.options.concurrency,
+                pool=self.options.pool,
+                started_at=now,
+                stopped_at=None,
+            )
+        if stopped:
+            fields["stopped_at"] = now
+            fields.pop("processed")
+        try:
+            WorkerRecord.objects.update_or_create(name=self.name, defaults=fields)
+        except Exception as exc:
+            logger.warning("Could not record the worker's heartbeat: %s", exc)
+        finally:
+            close_old_connections()
+
+    def heartbeat(self, processed: int) -> None:
+        self._record(processed=processed)
+
+
+class ProcessPool:
+    """Forked children, each running one Consumer; restarted when they die."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.context = multiprocessing.get_context("fork")
+        self.children: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
+        self.processed = self.context.Value("Q", 0)
+        self.forwarded = 0
+
+    def run(self) -> None:
+        for slot in range(self.worker.options.concurrency):
+            if not self.worker.stopping:
+                self._spawn(slot)
+        last_beat = time.monotonic()
+        while self.children:
+            self.worker.wait(SUPERVISE_INTERVAL)
+            self._forward_signals()
+            self._reap()
+            if time.monotonic() - last_beat >= HEARTBEAT_INTERVAL:
+                self.worker.heartbeat(self.processed.value)
+                last_beat = time.monotonic()
+
+    def _spawn(self, slot: int) -> None:
+        # Children must not share the parent's database or broker connections.
+        connections.close_all()
+        self.worker.backend.broker.close()
+        process = self.context.Process(
+            target=_child_main,
+            args=(self.worker, slot, self.processed),
+            name=f"{self.worker.name}-{slot}",
+            daemon=False,
+        )
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.children[slot] = (process, time.monotonic())
+
+    def _forward_signals(self) -> None:
+        while self.forwarded < self.worker.signals_received:
+            self.forwarded += 1
+            for process, _started in self.children.values():
+                if process.pid is not None and process.is_alive():
+                    os.kill(process.pid, signal.SIGTERM)
+
+    def _reap(self) -> None:
+        for slot, (process, started) in list(self.children.items()):
+            if process.is_alive():
+                continue
+            process.join()
+            del self.children[slot]
+            if self._should_restart(process):
+                logger.error(
+                    "Pool process %s exited with code %s; starting a new one",
+                    process.name,
+                    process.exitcode,
+                )
+                if time.monotonic() - started < RESTART_DELAY:
+                    self.worker.wait(RESTART_DELAY)
+                if not self.worker.stopping:
+                    self._spawn(slot)
+
+    def _should_restart(self, process: multiprocessing.process.BaseProcess) -> bool:
+        if self.worker.stopping:
+            return False
+        options = self.worker.options
+        finished = process.exitcode == 0 and (options.burst or options.max_tasks is not None)
+        return not finished
+
+
+def _child_main(worker: Worker, slot: int, processed: Any) -> None:
+    """The body of a pool process: one Consumer until the parent says stop.
+
+    The parent forks with SIGTERM blocked, so a stop request that arrives before the handlers
+    below are installed waits for them instead of reaching the parent's handler in this copy.
+    """
+    stopping = threading.Event()
+    terms = 0
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        nonlocal terms
+        terms += 1
+        stopping.set()
+        if terms > 1:
+            raise Abort()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # The parent forwards what matters.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    _die_with_parent()
+    backend = get_backend(worker.options.backend)
+    consumer = Consumer(
+        backend,
+        worker.queues,
+        f"{worker.name}-{slot}",
+        prefetch=worker.options.prefetch,
+        max_tasks=worker.options.max_tasks,
+        burst=worker.options.burst,
+        on_task=lambda: _increment(processed),
+        stopping=stopping,
+    )
+    try:
+        consumer.run()
+    finally:
+        connections.close_all()
+    sys.exit(0)
+
+
+def _increment(counter: Any) -> None:
+    with counter.get_lock():
+        counter.value += 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child when the parent dies, so a killed worker is all gone."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ThreadPool:
+    """Consumers as threads of this process."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.consumers: list[Consumer] = []
+        self.lock = threading.Lock()
+        self.processed = 0
+
+    def run(self) -> None:
+        threads = [
+            threading.Thread(target=self._thread_main, args=(slot,), name=f"consumer-{slot}")
+            for slot in range(self.worker.options.concurrency)
+        ]
+        for thread in threads:
+            thread.start()
+        last_beat = time.monotonic()
+        while any(t.is_alive() for t in threads):
+            self.worker.wait(SUPERVISE_INTERVAL)
+            if self.worker.stopping:
+                for consumer in list(self.consumers):
+                    consumer.stop()
+            if self.worker.aborting:
+                self._abort()
+            if time.monotonic() - last_beat >= HEARTBEAT_INTERVAL:
+                self.worker.heartbeat(self.processed)
+                last_beat = time.monotonic()
+            for thread in threads:
+                thread.join(timeout=0)
+
+    def _thread_main(self, slot: int) -> None:
+        backend = get_backend(self.worker.options.backend)
+        consumer = Consumer(
+            backend,
+            self.worker.queues,
+            f"{self.worker.name}-t{slot}",
+            prefetch=self.worker.options.prefetch,
+            max_tasks=self.worker.options.max_tasks,
+            burst=self.worker.options.burst,
+            on_task=self._count,
+        )
+        with self.lock:
+            self.consumers.append(consumer)
+        try:
+            consumer.run()
+        finally:
+            connections.close_all()
+
+    def _count(self) -> None:
+        with self.lock:
+            self.processed += 1
+
+    def _abort(self) -> None:
+        """Give back every unfinished delivery, then leave: threads cannot be interrupted."""
+        for consumer in self.consumers:
+            consumer.release_held()
+        logger.warning("Aborted: unfinished tasks were given back to the queue")
+        self.worker._record(stopped=True)
+        logging.shutdown()
+        os._exit(1)

@@ -1,0 +1,194 @@
+"""End to end: real runworker processes run tasks called through the public APIs."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from django.tasks import TaskResultStatus
+
+from django_tasks import TaskState
+from django_tasks.backend import get_backend
+from django_tasks.exceptions import TimeoutError as TaskTimeoutError
+from django_tasks.messages import Message, new_id
+from django_tasks.models import DeadLetter, TaskResult, Worker
+from tests.conftest import E2E
+from tests.testapp import tasks
+from tests.testapp.models import Execution
+from tests.workers import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_delay_and_get(e2e: E2E) -> None:
+    e2e.start_worker()
+    result = tasks.add.delay(2, 2)
+    assert result.get(timeout=20) == 4
+    assert result.state == TaskState.SUCCESS and result.successful() and result.ready()
+    row = TaskResult.objects.get(pk=result.id)
+    assert (row.task_name, row.args, row.result) == ("tests.testapp.tasks.add", [2, 2], 4)
+    assert row.enqueued_at <= row.started_at <= row.date_done == result.date_done
+    assert row.worker and row.worker_ids == [row.worker]
+
+
+def test_failure_reraises_the_same_exception(e2e: E2E) -> None:
+    e2e.start_worker()
+    result = tasks.fail.delay("it broke")
+    with pytest.raises(tasks.CustomError, match=r"^it broke$"):
+        result.get(timeout=20)
+    assert result.failed() and result.state == TaskState.FAILURE
+    assert isinstance(result.get(propagate=False), tasks.CustomError)
+    assert "raise CustomError(message)" in result.traceback
+    assert isinstance(result.result, tasks.CustomError)
+
+
+def test_unserialisable_return_value_is_a_failure(e2e: E2E) -> None:
+    e2e.start_worker()
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        tasks.returns_unserialisable.delay().get(timeout=20)
+
+
+def test_bound_task_sees_its_request(e2e: E2E) -> None:
+    e2e.start_worker()
+    result = tasks.whoami.delay()
+    assert result.get(timeout=20) == {
+        "id": result.id,
+        "task": "tests.testapp.tasks.whoami",
+        "retries": 0,
+    }
+
+
+def test_ignore_result_writes_no_row(e2e: E2E) -> None:
+    e2e.start_worker()
+    result = tasks.fire_and_forget.delay("ignored")
+    wait_for(lambda: Execution.objects.filter(marker="ignored").exists())
+    assert not TaskResult.objects.filter(pk=result.id).exists()
+    assert result.state == TaskState.PENDING
+
+
+def test_django_tasks_api(e2e: E2E) -> None:
+    e2e.start_worker("-Q", "default,hipri")
+    result = tasks.django_add.enqueue(3, 4)
+    wait_for(lambda: result.refresh() or result.is_finished)
+    assert result.status == TaskResultStatus.SUCCESSFUL
+    assert result.return_value == 7
+    assert result.attempts == 1 and len(result.worker_ids) == 1
+    assert result.started_at is not None and result.finished_at is not None
+
+    context = tasks.django_attempt.enqueue("v")
+    wait_for(lambda: context.refresh() or context.is_finished)
+    assert context.return_value == {"attempt": 1, "id": context.id, "value": "v"}
+
+    failing = tasks.django_failing.enqueue()
+    wait_for(lambda: failing.refresh() or failing.is_finished)
+    assert failing.status == TaskResultStatus.FAILED
+    assert failing.errors[0].exception_class is tasks.CustomError
+    assert "django failure" in failing.errors[0].traceback
+
+
+def test_get_timeout_raises_a_timeout_error(e2e: E2E) -> None:
+    result = tasks.add.delay(1, 1)
+    with pytest.raises(TaskTimeoutError) as info:
+        result.get(timeout=0.3)
+    assert isinstance(info.value, TimeoutError)
+
+
+def test_bad_messages_are_dead_lettered_and_the_worker_goes_on(e2e: E2E) -> None:
+    broker = get_backend().broker
+    bad_json = Message(id=new_id(), task="tests.testapp.tasks.add")
+    unknown = Message(id=new_id(), task="os.system", args=["echo hacked"])
+    broker.send([(bad_json, "{not json")])
+    broker.publish(unknown)
+    e2e.start_worker("-c", "1")
+    assert tasks.add.delay(1, 2).get(timeout=20) == 3
+    wait_for(lambda: DeadLetter.objects.count() == 2)
+    reasons = sorted(DeadLetter.objects.values_list("reason", flat=True))
+    assert "not valid JSON" in reasons[0]
+    assert reasons[1] == "unknown task 'os.system': not registered here"
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+
+
+def test_queues_and_routes(e2e: E2E) -> None:
+    e2e.start_worker("-c", "1", "-Q", "hipri")
+    assert tasks.routed.delay().get(timeout=20) == "routed"
+    low = tasks.add.apply_async((1, 1), queue="lopri")
+    with pytest.raises(TaskTimeoutError):
+        low.get(timeout=0.5)
+
+
+def test_countdown(e2e: E2E) -> None:
+    e2e.start_worker("-c", "1")
+    sent = time.time()
+    result = tasks.add.apply_async((1, 1), countdown=1)
+    assert result.get(timeout=20) == 2
+    assert TaskResult.objects.get(pk=result.id).started_at.timestamp() >= sent + 1
+
+
+def test_thread_pool(e2e: E2E) -> None:
+    e2e.start_worker("--pool", "thread", "-c", "2")
+    results = [tasks.add.delay(i, i) for i in range(10)]
+    assert [r.get(timeout=20) for r in results] == [2 * i for i in range(10)]
+
+
+def test_many_workers_share_a_queue_and_run_each_task_once(e2e: E2E) -> None:
+    first = e2e.start_worker("-c", "2")
+    second = e2e.start_worker("-c", "2", "--pool", "thread")
+    markers = [f"m{i}" for i in range(60)]
+    for marker in markers:
+        tasks.record.delay(marker)
+    wait_for(lambda: Execution.objects.count() >= len(markers), timeout=60)
+    wait_for(lambda: get_backend().broker.queue_lengths(["default"])["default"] == 0)
+    counts = {m: Execution.objects.filter(marker=m).count() for m in markers}
+    assert set(counts.values()) == {1}
+    assert len(set(Execution.objects.values_list("pid", flat=True))) >= 2
+    assert first.process.poll() is None and second.process.poll() is None
+
+
+def test_warm_shutdown_finishes_the_running_task(e2e: E2E) -> None:
+    worker = e2e.start_worker("-c", "1")
+    result = tasks.sleep_then_record.delay("warm", 1.5)
+    wait_for(lambda: result.state == TaskState.STARTED)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert result.state == TaskState.SUCCESS
+    assert Execution.objects.filter(marker="warm").count() == 1
+    assert "finishing running tasks" in worker.log()
+
+
+def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E) -> None:
+    worker = e2e.start_worker("-c", "1")
+    result = tasks.slow_once.delay("abort", 60)
+    wait_for(lambda: Execution.objects.filter(marker="abort").exists())
+    worker.signal(signal.SIGTERM)
+    wait_for(lambda: "finishing running tasks" in worker.log())
+    worker.signal(signal.SIGINT)
+    worker.wait(30)
+    assert result.state == TaskState.STARTED
+    assert get_backend().broker.queue_lengths(["default"]) == {"default": 1}
+    e2e.start_worker("-c", "1")
+    assert result.get(timeout=20) == "done"
+    assert Execution.objects.filter(marker="abort").count() == 2
+
+
+def test_killed_worker_task_runs_on_another_after_the_lease(e2e: E2E) -> None:
+    victim = e2e.start_worker("-c", "1", LEASE_SECONDS=2)
+    result = tasks.slow_once.delay("killed", 60)
+    wait_for(lambda: Execution.objects.filter(marker="killed").exists())
+    victim.signal(signal.SIGKILL)
+    victim.wait(10)
+    e2e.start_worker("-c", "1", LEASE_SECONDS=2)
+    assert result.get(timeout=30) == "done"
+    assert Execution.objects.filter(marker="killed").count() == 2
+
+
+def test_banner_and_heartbeat(e2e: E2E) -> None:
+    worker = e2e.start_worker("-c", "1", "-Q", "default,hipri", "-n", "banner-host")
+    log = worker.log()
+    assert "queues:      default, hipri" in log
+    assert "tests.testapp.tasks.add" in log
+    record = wait_for(lambda: Worker.objects.filter(hostname="banner-host").first())
+    assert record.queues == ["default", "hipri"] and record.is_alive()
+    worker.stop()
+    record.refresh_from_db()
+    assert record.stopped_at is not None and not record.is_alive()
