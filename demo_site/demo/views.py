@@ -3,6 +3,7 @@
 import json
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import get_token
 from django.views.decorators.http import require_GET, require_POST
 
 from django_tasks import AsyncResult
@@ -14,6 +15,7 @@ PAGE = """<!doctype html>
 <title>django_tasks demo</title>
 <h1>django_tasks demo</h1>
 <form method="post" action="/add/">
+  <input type="hidden" name="csrfmiddlewaretoken" value="{csrf}">
   <input name="x" value="2" size="4"> + <input name="y" value="2" size="4">
   <button>Enqueue add()</button>
 </form>
@@ -29,7 +31,8 @@ def home(request: HttpRequest) -> HttpResponse:
         f"<li>{r.task_name} {json.dumps(r.args)} &rarr; {r.state} {json.dumps(r.result)}</li>"
         for r in TaskResult.objects.order_by("-enqueued_at")[:10]
     )
-    return HttpResponse(PAGE.format(rows=rows or "<li>none yet</li>"))
+    page = PAGE.format(rows=rows or "<li>none yet</li>", csrf=get_token(request))
+    return HttpResponse(page)
 
 
 @require_POST
