@@ -143,20 +143,31 @@ def tasks_setting(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def e2e(broker_kind: str, request: pytest.FixtureRequest, settings: Any, tmp_path: Any):
-    """TASKS on the parametrised broker; workers started through it are stopped afterwards."""
-    options = broker_options(broker_kind, request)
+def _world(kind: str, request: pytest.FixtureRequest, settings: Any, tmp_path: Any):
+    options = broker_options(kind, request)
     settings.TASKS = tasks_setting(options)
-    world = E2E(broker_kind, options, tmp_path)
+    world = E2E(kind, options, tmp_path)
     yield world
     for worker in world.workers:
         try:
             worker.stop(timeout=20)
         except Exception:
             worker.process.kill()
-    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
         print(world.logs())
+
+
+@pytest.fixture
+def e2e(broker_kind: str, request: pytest.FixtureRequest, settings: Any, tmp_path: Any):
+    """TASKS on the parametrised broker; workers started through it are stopped afterwards."""
+    yield from _world(broker_kind, request, settings, tmp_path)
+
+
+@pytest.fixture
+def e2e_sqlite(request: pytest.FixtureRequest, settings: Any, tmp_path: Any, transactional_db):
+    """Like ``e2e``, on the database broker and SQLite only (for broker-independent behaviour)."""
+    yield from _world("sqlite", request, settings, tmp_path)
 
 
 @pytest.hookimpl(wrapper=True)

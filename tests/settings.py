@@ -24,7 +24,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django_tasks",
-    "tests.testapp",
+    "tests.testapp.apps.TestAppConfig",
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -94,6 +94,7 @@ TASKS = {
             "DATABASE": os.environ.get("DT_TEST_BROKER_DATABASE", "default"),
             "ROUTES": {"tests.testapp.tasks.routed": {"queue": "hipri"}},
             "LEASE_SECONDS": float(os.environ.get("DT_TEST_LEASE_SECONDS", "30")),
+            "IMPORTS": [m for m in os.environ.get("DT_TEST_IMPORTS", "").split(",") if m],
         },
     }
 }

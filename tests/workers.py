@@ -41,6 +41,10 @@ def worker_env(options: dict[str, Any]) -> dict[str, str]:
         DT_TEST_BROKER_DATABASE=options.get("DATABASE", "default"),
         DT_TEST_LEASE_SECONDS=str(options.get("LEASE_SECONDS", 30)),
     )
+    if options.get("IMPORTS"):
+        env["DT_TEST_IMPORTS"] = ",".join(options["IMPORTS"])
+    if options.get("PATH"):
+        env["PYTHONPATH"] = os.pathsep.join([str(options["PATH"]), str(ROOT)])
     if "postgres" in settings.DATABASES:
         env["DT_TEST_POSTGRES_NAME"] = connections["postgres"].settings_dict["NAME"]
     return env

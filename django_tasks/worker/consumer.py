@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 from ..backend import TasksBackend
 from ..brokers import Broker, Delivery
@@ -125,7 +125,7 @@ class Consumer:
                 self._flush()
                 first_pending = time.monotonic()
         self._flush()
-        close_old_connections()
+        close_broken_connections()
 
     def _flush(self) -> None:
         """Store the finished results, then ack their deliveries, then notify."""
@@ -208,8 +208,19 @@ class LeaseKeeper(threading.Thread):
             except Exception as exc:
                 logger.warning("Could not extend %d leases: %s", len(held), exc)
             finally:
-                close_old_connections()
+                close_broken_connections()
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=5)
+
+
+def close_broken_connections() -> None:
+    """Close this thread's database connections that saw an error and no longer work.
+
+    A busy consumer keeps its connections between batches (reconnecting per batch would cost
+    more than the batch); an idle one honours CONN_MAX_AGE through close_old_connections().
+    """
+    for connection in connections.all(initialized_only=True):
+        if connection.errors_occurred:
+            connection.close_if_unusable_or_obsolete()

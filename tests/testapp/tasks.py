@@ -108,3 +108,13 @@ def slow_once(marker: str, seconds: float = 60) -> str:
     if first:
         time.sleep(seconds)
     return "done"
+
+
+@task
+def observed() -> str:
+    return "seen"
+
+
+@task
+def observed_failure() -> None:
+    raise CustomError("observed")
