@@ -1,18 +1,33 @@
-"""Admin: results (read-only), dead letters (with requeue), workers and the database queue."""
+"""Admin: results (read-only; revoke, retry), dead letters (requeue), workers, the queue."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.auth import get_permission_codename
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from .exceptions import DecodeError, TasksError
 from .messages import decode
 from .models import DeadLetter, QueuedMessage, TaskResult, Worker
+from .states import READY_STATES, TaskState
+
+#: The states of the results the retry action sends again.
+RETRIABLE_STATES = frozenset({TaskState.FAILURE, TaskState.REVOKED})
+
+
+def _tell(
+    model_admin: admin.ModelAdmin, request: HttpRequest, count: int, singular: str,
+    plural: str, level: int,
+) -> None:  # fmt: skip
+    """Report ``count`` things done (nothing when there are none)."""
+    if count:
+        model_admin.message_user(request, ngettext(singular, plural, count) % count, level)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -67,6 +82,86 @@ class TaskResultAdmin(ReadOnlyAdmin):
             },
         ),
     ]
+    actions = ["revoke", "retry"]
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        """Whether the user holds the change permission of results.
+
+        Nobody may edit a result here (has_change_permission() is False), so the actions look
+        the permission up themselves.
+        """
+        codename = get_permission_codename("change", self.opts)
+        return request.user.has_perm(f"{self.opts.app_label}.{codename}")
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        """Retrying takes the same permission as revoking."""
+        return self.has_revoke_permission(request)
+
+    @admin.action(description=_("Revoke the selected tasks"), permissions=["revoke"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[TaskResult]) -> None:
+        """Revoke each unfinished task (see AsyncResult.revoke()); finished ones are left alone."""
+        from .result import AsyncResult
+
+        done, finished, failed = 0, 0, []
+        for task_id, state in queryset.values_list("pk", "state"):
+            if state in READY_STATES:
+                finished += 1
+                continue
+            try:
+                AsyncResult(task_id).revoke()
+            except TasksError as exc:
+                # The state is stored before the broker is asked: the revoke stands.
+                failed.append(f"{task_id}: {exc}")
+            done += 1
+        _tell(self, request, done, "%d task revoked.", "%d tasks revoked.", messages.SUCCESS)
+        _tell(
+            self,
+            request,
+            finished,
+            "%d task had already finished: it was left as it was.",
+            "%d tasks had already finished: they were left as they were.",
+            messages.WARNING,
+        )
+        for failure in failed:
+            self.message_user(
+                request,
+                _("Revoked, but its message stays queued (workers will skip it): %s") % failure,
+                messages.WARNING,
+            )
+
+    @admin.action(description=_("Retry the selected tasks"), permissions=["retry"])
+    def retry(self, request: HttpRequest, queryset: QuerySet[TaskResult]) -> None:
+        """Send each failed or revoked task again under a new id.
+
+        The new task has the same name, arguments, queue and priority; the old result stays.
+        """
+        from .backend import get_backend, resolve_task
+
+        backend = get_backend()
+        fields = ["pk", "state", "task_name", "args", "kwargs", "queue", "priority"]
+        done, skipped, failed = 0, 0, []
+        for task_id, state, name, args, kwargs, queue, priority in queryset.values_list(*fields):
+            if state not in RETRIABLE_STATES:
+                skipped += 1
+                continue
+            try:
+                task = resolve_task(name)
+                backend.send(task, list(args), dict(kwargs), queue=queue or None, priority=priority)
+            except (TaskResultDoesNotExist, InvalidTask, TasksError) as exc:
+                failed.append(f"{task_id}: {exc}")
+                continue
+            done += 1
+        _tell(self, request, done, "%d task sent again.", "%d tasks sent again.", messages.SUCCESS)
+        _tell(
+            self,
+            request,
+            skipped,
+            "%d task was not retried: only failed or revoked tasks are.",
+            "%d tasks were not retried: only failed or revoked tasks are.",
+            messages.WARNING,
+        )
+        for failure in failed:
+            self.message_user(request, _("Not retried: %s") % failure, messages.ERROR)
 
 
 @admin.register(DeadLetter)
@@ -95,12 +190,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
                 continue
             letter.delete()
             done += 1
-        if done:
-            self.message_user(
-                request,
-                ngettext("%d message requeued.", "%d messages requeued.", done) % done,
-                messages.SUCCESS,
-            )
+        _tell(
+            self, request, done, "%d message requeued.", "%d messages requeued.", messages.SUCCESS
+        )
         for failure in failed:
             self.message_user(request, _("Not requeued: %s") % failure, messages.ERROR)
 

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS
 
-from .exceptions import TaskRevokedError, TimeoutError
-from .results.store import ResultStore, rebuild_exception
+from .exceptions import BrokerError, TaskRevokedError, TimeoutError
+from .results.store import REVOKED, TERMINATED, ResultStore, rebuild_exception
 from .states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
     from .backend import TasksBackend
+    from .messages import Message
     from .models import TaskResult
 
 
@@ -138,6 +139,38 @@ class AsyncResult:
     def _exception(row: TaskResult) -> BaseException:
         args = row.errors[-1].get("args") if row.errors else None
         return rebuild_exception(row.exception_type, row.exception_message, args)
+
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke the task: it will not run, or, with ``terminate``, it is stopped if running.
+
+        The task is stored as REVOKED, with the reason ``"revoked"`` (``"terminated"`` with
+        ``terminate``), then its message is removed from the queue if no worker holds it yet.
+        A worker skips a task revoked before it starts; a task already running carries on
+        unless ``terminate`` is true. A task that has finished keeps its state, and an unknown
+        id is simply recorded as revoked: revoking is always safe.
+
+        After a revoke, ``state`` is REVOKED (unless the task had finished), ``result`` is a
+        TaskRevokedError and ``get()`` raises it.
+
+        Raises BrokerConnectionError when the broker cannot be reached; the state is stored by
+        then, so workers skip the task all the same.
+        """
+        backend = self.backend
+        queues = backend.known_queues()
+        message: Message | None
+        try:
+            # Only to fill in the row of a task still queued (its name, arguments, queue...).
+            message = backend.broker.find(self.id, queues)
+        except BrokerError:
+            message = None
+        ResultStore().revoke(
+            self.id,
+            reason=TERMINATED if terminate else REVOKED,
+            task_name=self.task_name or "",
+            message=message,
+        )
+        self._row = None
+        backend.broker.remove(self.id, queues)
 
     def forget(self) -> None:
         """Delete the stored result."""

@@ -1,4 +1,4 @@
-"""The admin: results read-only with filters, dead letters with a requeue action, permissions."""
+"""The admin: results (filters, revoke, retry), dead letters (requeue), workers, permissions."""
 
 from __future__ import annotations
 
@@ -99,3 +99,130 @@ def test_requeue_needs_the_change_permission() -> None:
     assert b'value="requeue"' not in page.content
     client.post(url, {"action": "requeue", "_selected_action": [letter.pk]})
     assert DeadLetter.objects.filter(pk=letter.pk).exists()
+
+
+# Revoke and retry ----------------------------------------------------------------------------
+
+RESULTS_URL = "admin:django_tasks_taskresult_changelist"
+
+
+def queued_message(task_id: str, eta: float | None = None) -> Message:
+    """Publish a message of ``task_id`` on the default backend's broker."""
+    message = Message(id=task_id, task="tests.testapp.tasks.add", args=[1, 2], eta=eta)
+    get_backend().broker.publish(message)
+    return message
+
+
+def test_superuser_can_revoke(staff_client: Client) -> None:
+    waiting = make_result(state=TaskState.RETRY, result=None, date_done=None)
+    queued_message(waiting.id, eta=timezone.now().timestamp() + 60)  # the next attempt
+    done = make_result()
+    response = staff_client.post(
+        reverse(RESULTS_URL),
+        {"action": "revoke", "_selected_action": [waiting.pk, done.pk]},
+        follow=True,
+    )
+    text = response.content.decode()
+    assert "1 task revoked." in text
+    assert "1 task had already finished" in text
+    waiting.refresh_from_db()
+    assert (waiting.state, waiting.reason) == (TaskState.REVOKED, "revoked")
+    assert waiting.date_done is not None
+    assert get_backend().broker.find(waiting.id, ["default"]) is None
+    done.refresh_from_db()
+    assert (done.state, done.reason) == (TaskState.SUCCESS, "")
+
+
+def test_superuser_can_retry(staff_client: Client) -> None:
+    failed = make_result(
+        state=TaskState.FAILURE,
+        args=[4, 5],
+        kwargs={},
+        queue="hipri",
+        priority=7,
+        result=None,
+        exception_type="builtins.ValueError",
+    )
+    revoked = make_result(state=TaskState.REVOKED, args=[6], kwargs={"y": 1}, result=None)
+    unknown = make_result(state=TaskState.FAILURE, task_name="tests.testapp.tasks.gone")
+    done = make_result()
+    response = staff_client.post(
+        reverse(RESULTS_URL),
+        {
+            "action": "retry",
+            "_selected_action": [failed.pk, revoked.pk, unknown.pk, done.pk],
+        },
+        follow=True,
+    )
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert "2 tasks sent again." in text
+    assert "1 task was not retried: only failed or revoked tasks are." in text
+    assert "Not retried" in text and "tests.testapp.tasks.gone" in text
+    broker = get_backend().broker
+    [again] = broker.consume(["hipri"], 10, timeout=0.1)
+    assert again.message is not None
+    assert (again.message.task, again.message.args, again.message.kwargs) == (
+        "tests.testapp.tasks.add",
+        [4, 5],
+        {},
+    )
+    assert again.message.priority == 7
+    assert again.message.id not in {failed.id, revoked.id}
+    [other] = broker.consume(["default"], 10, timeout=0.1)
+    assert other.message is not None
+    assert (other.message.args, other.message.kwargs) == ([6], {"y": 1})
+    # The old results are left as they were.
+    assert TaskResult.objects.get(pk=failed.pk).state == TaskState.FAILURE
+    assert TaskResult.objects.count() == 4
+
+
+def test_staff_with_the_change_permission_sees_the_actions() -> None:
+    user = User.objects.create_user("operator", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_taskresult", "change_taskresult"])
+    )
+    client = Client()
+    client.force_login(user)
+    page = client.get(reverse(RESULTS_URL))
+    assert b'value="revoke"' in page.content and b'value="retry"' in page.content
+
+
+def test_revoke_and_retry_need_the_change_permission() -> None:
+    waiting = make_result(state=TaskState.PENDING, result=None, date_done=None)
+    queued_message(waiting.id)
+    failed = make_result(state=TaskState.FAILURE, result=None)
+    user = User.objects.create_user("viewer", password="pw", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_taskresult"))
+    client = Client()
+    client.force_login(user)
+    url = reverse(RESULTS_URL)
+    page = client.get(url)
+    assert page.status_code == 200
+    assert b'value="revoke"' not in page.content
+    assert b'value="retry"' not in page.content
+    for action in ("revoke", "retry"):
+        client.post(url, {"action": action, "_selected_action": [waiting.pk, failed.pk]})
+    assert TaskResult.objects.get(pk=waiting.pk).state == TaskState.PENDING
+    assert TaskResult.objects.get(pk=failed.pk).state == TaskState.FAILURE
+    assert get_backend().broker.queue_lengths(["default", "hipri", "lopri"]) == {
+        "default": 1,
+        "hipri": 0,
+        "lopri": 0,
+    }
+
+
+def test_non_staff_users_cannot_revoke_or_retry() -> None:
+    waiting = make_result(state=TaskState.PENDING, result=None, date_done=None)
+    queued_message(waiting.id)
+    failed = make_result(state=TaskState.FAILURE, result=None)
+    user = User.objects.create_user("plain", password="pw")
+    client = Client()
+    client.force_login(user)
+    url = reverse(RESULTS_URL)
+    for action in ("revoke", "retry"):
+        response = client.post(url, {"action": action, "_selected_action": [waiting.pk, failed.pk]})
+        assert response.status_code == 302
+        assert "/admin/login/" in response["Location"]
+    assert TaskResult.objects.get(pk=waiting.pk).state == TaskState.PENDING
+    assert get_backend().broker.queue_lengths(["default", "hipri"]) == {"default": 1, "hipri": 0}

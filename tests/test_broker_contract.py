@@ -214,3 +214,72 @@ def test_oversize_body_is_refused_at_consume(make_broker: BrokerFactory) -> None
     [delivery] = small.consume(["default"], 1, timeout=1)
     assert delivery.message is None
     assert "over the limit" in (delivery.error or "")
+
+
+ALL_QUEUES = ["default", "hipri", "lopri"]
+
+
+def test_remove_a_ready_message(broker: Broker) -> None:
+    gone, kept = message(queue="hipri"), message(queue="hipri")
+    broker.publish_many([gone, kept])
+    assert broker.remove(gone.id, ALL_QUEUES) is True
+    assert broker.find(gone.id, ALL_QUEUES) is None
+    assert broker.queue_lengths(["hipri"]) == {"hipri": 1}
+    assert [m.id for m in drain(broker, ["hipri"])] == [kept.id]
+    assert broker.remove(gone.id, ALL_QUEUES) is False
+
+
+def test_remove_a_delayed_message(broker: Broker) -> None:
+    delayed = message(eta=time.time() + 0.5)
+    broker.publish(delayed)
+    assert broker.remove(delayed.id, ["default"]) is True
+    assert broker.find(delayed.id, ["default"]) is None
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+    time.sleep(0.6)
+    assert broker.consume(["default"], 10, timeout=0.2) == []
+
+
+def test_remove_leaves_a_leased_message(broker: Broker) -> None:
+    sent = message()
+    broker.publish(sent)
+    [leased] = broker.consume(["default"], 1, timeout=1)
+    assert broker.remove(sent.id, ALL_QUEUES) is False
+    assert broker.find(sent.id, ALL_QUEUES) == sent
+    broker.extend([leased])
+    broker.ack([leased])
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+
+
+def test_remove_after_release_forgets_the_deliveries(broker: Broker) -> None:
+    sent = message()
+    broker.publish(sent)
+    broker.release(broker.consume(["default"], 1, timeout=1))
+    assert broker.remove(sent.id, ["default"]) is True
+    # The same id published again starts counting its deliveries afresh.
+    broker.publish(sent)
+    [delivery] = broker.consume(["default"], 1, timeout=1)
+    assert delivery.delivery_count == 1
+    broker.ack([delivery])
+
+
+def test_remove_an_unknown_id(broker: Broker) -> None:
+    broker.publish(message())
+    assert broker.remove(new_id(), ALL_QUEUES) is False
+    assert broker.remove(new_id(), []) is False
+    assert broker.queue_lengths(["default"]) == {"default": 1}
+
+
+def test_remove_leaves_other_messages_alone(broker: Broker) -> None:
+    first, target, last = message(), message(), message()
+    other_queue = message(queue="hipri")
+    later = message(eta=time.time() + 60)
+    broker.publish_many([first, target, last, other_queue, later])
+    elsewhere = message(queue="lopri")
+    elsewhere.id = target.id  # The same id, in a queue the call does not name.
+    broker.publish(elsewhere)
+    assert broker.remove(target.id, ["default", "hipri"]) is True
+    assert broker.queue_lengths(ALL_QUEUES) == {"default": 3, "hipri": 1, "lopri": 1}
+    assert [m.id for m in drain(broker, ["default"])] == [first.id, last.id]
+    assert broker.find(later.id, ["default"]) == later
+    assert drain(broker, ["hipri"]) == [other_queue]
+    assert drain(broker, ["lopri"]) == [elsewhere]

@@ -112,6 +112,14 @@ class Broker(ABC):
     def find(self, task_id: str, queues: Sequence[str]) -> Message | None:
         """The message of ``task_id`` still in one of ``queues`` (ready, delayed or leased)."""
 
+    @abstractmethod
+    def remove(self, task_id: str, queues: Sequence[str]) -> bool:
+        """Delete the message of ``task_id`` if it waits (ready or delayed) in one of ``queues``.
+
+        A leased message is left alone. Returns whether one was removed. Atomic; one round trip
+        per queue at most.
+        """
+
     def notify_results(self, task_ids: Sequence[str]) -> None:  # noqa: B027
         """Tell waiting callers that these results were stored. Default: nobody is told."""
 

@@ -290,6 +290,23 @@ return deleted
 """
 )
 
+REMOVE_LUA = (
+    """\
+-- remove: delete one message waiting in ready or delayed; a leased one is kept.
+"""
+    + _LUA_KEYS
+    + """\
+-- ARGV[1] the task id
+-- Returns 1 if the message was deleted, 0 if it is leased or not in this queue.
+local id = ARGV[1]
+if redis.call('ZSCORE', KEYS[4], id) then return 0 end
+if redis.call('ZREM', KEYS[2], id) + redis.call('ZREM', KEYS[3], id) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], id)
+redis.call('HDEL', KEYS[5], id)
+return 1
+"""
+)
+
 WAKE_LUA = (
     """\
 -- wake: leave a wake-up token for a blocked consumer of one queue.
@@ -322,6 +339,7 @@ class _Scripts:
         self.release = client.register_script(_lua(RELEASE_LUA))
         self.extend = client.register_script(_lua(EXTEND_LUA))
         self.purge = client.register_script(_lua(PURGE_LUA))
+        self.remove = client.register_script(_lua(REMOVE_LUA))
         self.wake = client.register_script(_lua(WAKE_LUA))
 
 
@@ -652,6 +670,17 @@ class RedisBroker(Broker):
                 except DecodeError:
                     return None
         return None
+
+    @_translate_errors("remove a message")
+    def remove(self, task_id: str, queues: Sequence[str]) -> bool:
+        """Delete the waiting or delayed message of ``task_id``; a leased one is kept.
+
+        One script per queue, all in one round trip.
+        """
+        calls = {queue: [task_id] for queue in dict.fromkeys(queues)}
+        if not calls:
+            return False
+        return any(int(removed) for removed in self._run_per_queue(self.scripts.remove, calls))
 
     # Result notifications.
 

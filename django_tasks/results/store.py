@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import traceback as tb
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from inspect import isclass
 from typing import Any
 
+from django.conf import settings
 from django.db import router
+from django.db.models import Q
+from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from ..exceptions import TaskFailedError
+from ..messages import Message
 from ..models import TaskResult
-from ..states import TaskState
+from ..states import UNREADY_STATES, TaskState
+
+#: The reason AsyncResult.revoke() stores: a task not started yet is skipped, a running one
+#: carries on.
+REVOKED = "revoked"
+#: The reason AsyncResult.revoke(terminate=True) stores: a running task is stopped as well.
+TERMINATED = "terminated"
 
 #: Columns a STARTED write may change: it must keep the errors of earlier attempts.
 STARTED_FIELDS = [
@@ -58,24 +69,84 @@ class ResultStore:
         self._upsert(results, STARTED_FIELDS)
 
     def save_finished(self, results: Sequence[TaskResult]) -> None:
-        """Insert or update final rows in one statement; failures keep earlier attempts' errors."""
-        failed = {r.id: r for r in results if r.errors and r.retries}
-        if failed:
+        """Insert or update final (or RETRY) rows in one statement.
+
+        A row of a later attempt keeps the errors of the earlier ones: Django's
+        TaskResult.errors lists every failed attempt.
+        """
+        later = {r.id: r for r in results if len(r.worker_ids) > 1}
+        if later:
             previous = dict(
                 TaskResult.objects.using(self.using)
-                .filter(pk__in=list(failed))
+                .filter(pk__in=list(later))
                 .values_list("pk", "errors")
             )
-            for task_id, result in failed.items():
-                earlier = previous.get(task_id) or []
-                result.errors = [*earlier[: max(0, result.retries)], *result.errors[-1:]]
+            for task_id, result in later.items():
+                result.errors = [*(previous.get(task_id) or []), *result.errors]
         self._upsert(results, FINISHED_FIELDS)
+
+    def fail(self, task_id: str, exc: BaseException) -> bool:
+        """Mark a started task FAILURE with ``exc`` (its worker could not); False if no row."""
+        row = TaskResult.objects.using(self.using).filter(pk=task_id).first()
+        if row is None:
+            return False
+        entry = error_entry(exc)
+        row.state = TaskState.FAILURE
+        row.exception_type = entry["exception_class_path"]
+        row.exception_message = entry["message"]
+        row.traceback = entry["traceback"]
+        row.errors = [*row.errors, entry]
+        row.date_done = timezone.now()
+        row.save(using=self.using, update_fields=["state", "exception_type", "exception_message",
+                                                   "traceback", "errors", "date_done"])  # fmt: skip
+        return True
 
     def _upsert(self, results: Sequence[TaskResult], fields: list[str]) -> None:
         if not results:
             return
         TaskResult.objects.using(self.using).bulk_create(
             results, update_conflicts=True, unique_fields=["id"], update_fields=fields
+        )
+
+    def revoke(
+        self,
+        task_id: str,
+        *,
+        reason: str,
+        task_name: str = "",
+        message: Message | None = None,
+    ) -> None:
+        """Mark ``task_id`` REVOKED with ``reason``, creating its row if there is none yet.
+
+        A finished task (SUCCESS, FAILURE, or REVOKED already) is left as it is, except that
+        TERMINATED replaces the reason REVOKED, so that a revoked task still running can be
+        stopped after all. ``message``, the task's message if it is still queued, fills in the
+        row made for a task no worker has started. Two queries.
+        """
+        now = timezone.now()
+        row = TaskResult(
+            id=task_id, task_name=task_name, state=TaskState.REVOKED, reason=reason, date_done=now
+        )
+        if message is not None:
+            row.task_name = message.task
+            row.queue = message.queue
+            row.priority = message.priority
+            row.args = message.args
+            row.kwargs = message.kwargs
+            row.retries = message.retries
+            row.root_id = message.root_id or ""
+            row.parent_id = message.parent_id or ""
+            row.group_id = message.group_id or ""
+            row.enqueued_at = _datetime(message.enqueued_at)
+        results = TaskResult.objects.using(self.using)
+        # Insert, then update: a worker that writes the row in between (STARTED) is revoked by
+        # the update, instead of silently winning over the insert.
+        results.bulk_create([row], ignore_conflicts=True)
+        revocable = Q(state__in=UNREADY_STATES)
+        if reason == TERMINATED:
+            revocable |= Q(state=TaskState.REVOKED, reason=REVOKED)
+        results.filter(revocable, pk=task_id).update(
+            state=TaskState.REVOKED, reason=reason, date_done=now
         )
 
     def delete(self, task_id: str) -> None:
@@ -118,6 +189,12 @@ def rebuild_exception(exception_type: str, message: str, args: list[Any] | None)
         if str(exc) == message:
             return exc
     return TaskFailedError(exception_type, message)
+
+
+def _datetime(timestamp: float) -> datetime:
+    """A Unix time as the database wants it: aware, or naive in TIME_ZONE without USE_TZ."""
+    when = datetime.fromtimestamp(timestamp, tz=UTC)
+    return when if settings.USE_TZ else timezone.make_naive(when)
 
 
 def is_ready(state: str) -> bool:
