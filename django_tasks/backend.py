@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.tasks import Task as DjangoTask
 from django.tasks import TaskResult as DjangoTaskResult
 from django.tasks import TaskResultStatus, task_backends
@@ -103,11 +103,19 @@ class TasksBackend(BaseTaskBackend):
         return message
 
     def publish(self, message: Message, *, on_commit: bool | None = None) -> None:
-        """Send ``message`` now, or when the current transaction commits (see PUBLISH_ON_COMMIT)."""
+        """Send ``message`` now, or when the caller's transaction commits.
+
+        The database broker writes inside the transaction of its own database, so a rollback
+        discards the message. Otherwise, inside ``atomic()`` (on any database) the message is
+        sent when that transaction commits, unless ``on_commit`` or PUBLISH_ON_COMMIT say not to.
+        """
         outgoing = self.broker.encode(message)
+        if self.broker.transactional and connections[self.config.database].in_atomic_block:
+            self.broker.send([outgoing])
+            return
         defer = self.config.publish_on_commit if on_commit is None else on_commit
-        using = self.config.database
-        if not self.broker.transactional and defer and connections[using].in_atomic_block:
+        using = _open_transaction() if defer else None
+        if using is not None:
             transaction.on_commit(lambda: self.broker.send([outgoing]), using=using)
         else:
             self.broker.send([outgoing])
@@ -139,7 +147,7 @@ class TasksBackend(BaseTaskBackend):
         row = ResultStore().get(result_id)
         if row is not None:
             return self.to_django_result(row)
-        message = self.broker.find(result_id, self._known_queues())
+        message = self.broker.find(result_id, self.known_queues())
         if message is None:
             raise TaskResultDoesNotExist(result_id)
         task = resolve_task(message.task)
@@ -147,7 +155,8 @@ class TasksBackend(BaseTaskBackend):
             task, message.id, TaskResultStatus.READY, message.args, message.kwargs
         )
 
-    def _known_queues(self) -> list[str]:
+    def known_queues(self) -> list[str]:
+        """The queues this backend's tasks may be in: QUEUES, or the default queue alone."""
         return sorted(self.queues) if self.queues else [self.config.default_queue]
 
     def to_django_result(self, row: TaskResult, task: DjangoTask | None = None) -> DjangoTaskResult:
@@ -220,6 +229,16 @@ class TasksBackend(BaseTaskBackend):
                     )
                 )
         return errors
+
+
+def _open_transaction() -> str | None:
+    """The alias of a database whose atomic block the caller is in (the default one first)."""
+    if connections[DEFAULT_DB_ALIAS].in_atomic_block:
+        return DEFAULT_DB_ALIAS
+    for connection in connections.all(initialized_only=True):
+        if connection.in_atomic_block:
+            return connection.alias
+    return None
 
 
 def resolve_task(name: str) -> DjangoTask:

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "KEY_PREFIX": "dt",  # The namespace of every Redis key.
     "PUBLISH_ON_COMMIT": True,  # Redis: inside atomic(), publish when the transaction commits.
     "CONNECT_TIMEOUT": 5.0,  # Seconds delay() waits for an unreachable broker before raising.
+    "WORKER_LOST_REDELIVERIES": 1,  # A task whose pool process dies runs again this many times.
     "BEAT_SCHEDULE": {},  # Periodic tasks declared in settings (the scheduler).
 }
 
@@ -50,6 +51,7 @@ class BackendConfig:
     key_prefix: str
     publish_on_commit: bool
     connect_timeout: float
+    worker_lost_redeliveries: int = 1
     beat_schedule: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -91,6 +93,14 @@ class BackendConfig:
             key_prefix=_string(prefix, "KEY_PREFIX", merged["KEY_PREFIX"]),
             publish_on_commit=bool(merged["PUBLISH_ON_COMMIT"]),
             connect_timeout=_positive(prefix, "CONNECT_TIMEOUT", merged["CONNECT_TIMEOUT"]),
+            worker_lost_redeliveries=int(
+                _non_negative(
+                    prefix,
+                    "WORKER_LOST_REDELIVERIES",
+                    merged["WORKER_LOST_REDELIVERIES"],
+                    integer=True,
+                )
+            ),
             beat_schedule=_mapping(prefix, "BEAT_SCHEDULE", merged["BEAT_SCHEDULE"]),
         )
 

@@ -61,3 +61,33 @@ class TaskFailedError(TasksError):
 
 class TaskRevokedError(TasksError):
     """The task was revoked (or expired) before it could finish."""
+
+
+class Retry(TasksError):
+    """Raised by ``Task.retry()``: the worker schedules another attempt instead of failing."""
+
+    def __init__(self, message: str = "", *, exc: BaseException | None = None,
+                 when: float | None = None) -> None:  # fmt: skip
+        super().__init__(message or f"Retry in {when}s: {exc!r}")
+        self.exc = exc
+        self.when = when
+
+
+class MaxRetriesExceededError(TasksError):
+    """``Task.retry()`` was called after the last attempt allowed by ``max_retries``."""
+
+
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a task that ran past its ``soft_time_limit``; the task may clean up."""
+
+
+class TimeLimitExceeded(TasksError):
+    """The task ran past its ``time_limit`` and its pool process was stopped."""
+
+
+class WorkerLostError(TasksError):
+    """The pool process running the task died (killed, crashed or out of memory)."""
+
+
+class Terminated(BaseException):
+    """Raised inside a running task revoked with ``terminate=True``."""

@@ -7,7 +7,9 @@ both APIs; ``enqueue()`` keeps Django's semantics.
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,11 +21,16 @@ from django.tasks.base import DEFAULT_TASK_PRIORITY
 from django.tasks.exceptions import InvalidTask
 from django.utils.inspect import get_func_args
 
+from .exceptions import MaxRetriesExceededError, Retry
 from .registry import registry
 
 if TYPE_CHECKING:
     from .backend import TasksBackend
     from .result import AsyncResult
+
+
+class _Default:
+    """Marks an argument that was not given (None has a meaning of its own)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +81,22 @@ class Task(DjangoTask):
     bind: bool = False
     #: Store no TaskResult row: AsyncResult stays PENDING.
     ignore_result: bool = False
+    #: Retries allowed after the first attempt; None retries for ever.
+    max_retries: int | None = 3
+    #: Seconds before a retry when neither ``countdown`` nor a backoff says otherwise.
+    default_retry_delay: float = 180.0
+    #: Exceptions that schedule another attempt by themselves (as ``self.retry(exc=...)``).
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    #: Exponential backoff for automatic retries: False, True (1 s base) or the base in seconds.
+    retry_backoff: bool | float = False
+    #: The longest backoff delay, in seconds.
+    retry_backoff_max: float = 600.0
+    #: Spread backoff delays at random between 0 and the computed delay.
+    retry_jitter: bool = True
+    #: Seconds after which SoftTimeLimitExceeded is raised inside the task (process pool).
+    soft_time_limit: float | None = None
+    #: Seconds after which the task is stopped and fails with TimeLimitExceeded (process pool).
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -107,6 +130,45 @@ class Task(DjangoTask):
             return await DjangoTask.acall(self, self, *args, **kwargs)
         return await DjangoTask.acall(self, *args, **kwargs)
 
+    def retry(
+        self,
+        exc: BaseException | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        max_retries: int | type[_Default] | None = _Default,
+    ) -> Retry:
+        """Ask the worker for another attempt of the running task: ``raise self.retry(exc=exc)``.
+
+        Raises Retry (the worker schedules the attempt after ``countdown`` seconds, at ``eta``,
+        or after ``default_retry_delay``). When ``max_retries`` (default: the task's) attempts
+        were already retried, raises ``exc`` itself, or MaxRetriesExceededError without one.
+        Called outside a worker, raises ``exc`` (or Retry).
+        """
+        request = self.request
+        limit = self.max_retries if isinstance(max_retries, type) else max_retries
+        if request.called_directly:
+            raise exc if exc is not None else Retry("retry() called outside a worker")
+        if limit is not None and request.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}]: {limit} retries were allowed."
+            )
+        if eta is not None:
+            delay = max(0.0, eta.timestamp() - time.time())
+        else:
+            delay = self.default_retry_delay if countdown is None else float(countdown)
+        raise Retry(exc=exc, when=delay)
+
+    def retry_delay(self, retries: int) -> float:
+        """The delay before automatic retry number ``retries + 1`` (backoff and jitter)."""
+        if not self.retry_backoff:
+            return self.default_retry_delay
+        base = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+        delay = min(base * (2**retries), self.retry_backoff_max)
+        return random.uniform(0, delay) if self.retry_jitter else delay  # noqa: S311
+
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Queue the task with these arguments; return its AsyncResult at once."""
         return self.apply_async(args, kwargs)
@@ -124,15 +186,25 @@ class Task(DjangoTask):
         task_id: str | None = None,
         on_commit: bool | None = None,
         headers: dict[str, Any] | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
     ) -> AsyncResult:
         """Queue the task with call options; return its AsyncResult at once.
 
         ``countdown`` (seconds) or ``eta`` (a datetime; a naive one is read in TIME_ZONE) delay
         it; ``expires`` (seconds, timedelta or datetime) drops it if no worker reached it by then;
         ``queue`` and ``priority`` (-100..100, higher first) override the task's and the route's.
-        ``on_commit`` (Redis broker) overrides OPTIONS["PUBLISH_ON_COMMIT"].
+        ``on_commit`` (Redis broker) overrides OPTIONS["PUBLISH_ON_COMMIT"]; ``time_limit`` and
+        ``soft_time_limit`` (seconds) override the task's for this call.
         """
         from .result import AsyncResult
+
+        headers = dict(headers or {})
+        for option, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                    raise InvalidTask(f"{option} must be a positive number of seconds.")
+                headers[option] = float(value)
 
         message = self.get_backend().send(
             self,
@@ -145,7 +217,7 @@ class Task(DjangoTask):
             priority=priority,
             task_id=task_id,
             on_commit=on_commit,
-            headers=headers,
+            headers=headers or None,
         )
         return AsyncResult(message.id, backend=self.backend, task_name=self.name)
 
@@ -166,6 +238,14 @@ def task(
     bind: bool = False,
     ignore_result: bool = False,
     takes_context: bool = False,
+    max_retries: int | None = 3,
+    default_retry_delay: float = 180.0,
+    autoretry_for: tuple[type[BaseException], ...] = (),
+    retry_backoff: bool | float = False,
+    retry_backoff_max: float = 600.0,
+    retry_jitter: bool = True,
+    soft_time_limit: float | None = None,
+    time_limit: float | None = None,
 ) -> Any:
     """Turn a module-level function into a Task, registered under ``name`` (default: its path).
 
@@ -187,6 +267,14 @@ def task(
             bind=bind,
             ignore_result=ignore_result,
             takes_context=takes_context,
+            max_retries=max_retries,
+            default_retry_delay=default_retry_delay,
+            autoretry_for=tuple(autoretry_for),
+            retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max,
+            retry_jitter=retry_jitter,
+            soft_time_limit=soft_time_limit,
+            time_limit=time_limit,
         )
 
     if function is not None:

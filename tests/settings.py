@@ -94,7 +94,10 @@ TASKS = {
             "DATABASE": os.environ.get("DT_TEST_BROKER_DATABASE", "default"),
             "ROUTES": {"tests.testapp.tasks.routed": {"queue": "hipri"}},
             "LEASE_SECONDS": float(os.environ.get("DT_TEST_LEASE_SECONDS", "30")),
-            "IMPORTS": [m for m in os.environ.get("DT_TEST_IMPORTS", "").split(",") if m],
+            "IMPORTS": [
+                "tests.testapp.reliability_tasks",
+                *[m for m in os.environ.get("DT_TEST_IMPORTS", "").split(",") if m],
+            ],
         },
     }
 }

@@ -9,6 +9,7 @@ waiting callers are notified. A crash between the commit and the ack runs a task
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +19,9 @@ from django.db import close_old_connections, connections
 from ..backend import TasksBackend
 from ..brokers import Broker, Delivery
 from ..exceptions import BrokerError
-from ..models import DeadLetter
-from .execution import Abort, Executor, Outcome
+from ..models import DeadLetter, TaskResult
+from ..states import READY_STATES, TaskState
+from .execution import Abort, Executor, Monitor, Outcome
 
 logger = logging.getLogger("django_tasks.worker")
 
@@ -27,6 +29,8 @@ logger = logging.getLogger("django_tasks.worker")
 FLUSH_INTERVAL = 0.005
 #: The longest one consume call blocks, so a stop request is seen within it.
 CONSUME_TIMEOUT = 1.0
+#: How often the lease keeper looks for revocations of the tasks its consumer holds.
+REVOKE_CHECK_INTERVAL = 1.0
 #: Backoff after a broker error: doubles from the first to the last value.
 BACKOFF = (0.1, 5.0)
 
@@ -45,17 +49,26 @@ class Consumer:
         burst: bool = False,
         on_task: Callable[[], None] | None = None,
         stopping: threading.Event | None = None,
+        max_memory_kib: int | None = None,
+        alarms: bool = False,
+        monitor: Monitor | None = None,
     ) -> None:
         self.backend = backend
         self.queues = list(queues)
         self.worker_id = worker_id
         self.prefetch = prefetch or backend.config.prefetch
         self.max_tasks = max_tasks
+        self.max_memory_kib = max_memory_kib
         self.burst = burst
         self.on_task = on_task
-        self.executor = Executor(backend, worker_id)
+        self.monitor = monitor
+        self.executor = Executor(backend, worker_id, alarms=alarms, monitor=monitor)
         self.stopping = stopping or threading.Event()
         self.processed = 0
+        #: Set when this consumer stopped to be replaced (memory or task limit reached).
+        self.recycle = False
+        #: Called (from the lease keeper) to stop the running task of a terminated revoke.
+        self.interrupt: Callable[[], None] | None = None
         self._held: list[Delivery] = []  # leased and not yet acked: the lease keeper's list
         self._held_lock = threading.Lock()
         self._pending: list[Outcome] = []
@@ -107,9 +120,36 @@ class Consumer:
             count = max(1, min(count, self.max_tasks - self.processed))
         timeout = 0.2 if self.burst else CONSUME_TIMEOUT
         deliveries = self.broker.consume(self.queues, count, timeout)
+        if deliveries:
+            self._hold(deliveries)
+            self.check_revoked([d.message.id for d in deliveries if d.message])
+        return deliveries
+
+    def check_revoked(self, task_ids: Sequence[str]) -> set[str]:
+        """Note which of ``task_ids`` were revoked; return those to terminate if running."""
+        if not task_ids:
+            return set()
+        rows = TaskResult.objects.filter(pk__in=list(task_ids), state=TaskState.REVOKED)
+        terminate = set()
+        for task_id, reason in rows.values_list("pk", "reason"):
+            self.executor.revoked.add(task_id)
+            if reason == "terminated":
+                terminate.add(task_id)
+        return terminate
+
+    def _hold(self, deliveries: Sequence[Delivery]) -> None:
         with self._held_lock:
             self._held.extend(deliveries)
-        return deliveries
+            held = list(self._held)
+        if self.monitor is not None:
+            self.monitor.held(held)
+
+    def _unhold(self, deliveries: Sequence[Delivery]) -> None:
+        with self._held_lock:
+            self._held = [d for d in self._held if d not in deliveries]
+            held = list(self._held)
+        if self.monitor is not None:
+            self.monitor.held(held)
 
     def _run_batch(self, deliveries: list[Delivery]) -> None:
         first_pending = time.monotonic()
@@ -121,6 +161,7 @@ class Consumer:
             self.processed += 1
             if self.on_task is not None:
                 self.on_task()
+            self._check_memory()
             if time.monotonic() - first_pending >= FLUSH_INTERVAL:
                 self._flush()
                 first_pending = time.monotonic()
@@ -135,12 +176,25 @@ class Consumer:
         rows = [o.row for o in pending if o.row is not None]
         self.executor.store.save_finished(rows)
         self._store_dead_letters([o for o in pending if o.dead_letter])
-        done = [o.delivery for o in pending]
+        for outcome in pending:
+            if outcome.retry is not None:
+                self.broker.requeue(outcome.delivery, *outcome.retry)
+        done = [o.delivery for o in pending if o.retry is None]
         self.broker.ack(done)
-        with self._held_lock:
-            self._held = [d for d in self._held if d not in done]
-        if rows:
-            self.broker.notify_results([r.id for r in rows])
+        self._unhold([o.delivery for o in pending])
+        finished = [r.id for r in rows if r.state in READY_STATES]
+        if finished:
+            self.broker.notify_results(finished)
+
+    def _check_memory(self) -> None:
+        if self.max_memory_kib is None:
+            return
+        rss = resident_kib()
+        if rss > self.max_memory_kib:
+            logger.warning("Pool process uses %d KiB, over --max-memory-per-child %d KiB: "
+                           "replacing it", rss, self.max_memory_kib)  # fmt: skip
+            self.recycle = True
+            self.stopping.set()
 
     def _store_dead_letters(self, outcomes: list[Outcome]) -> None:
         if outcomes:
@@ -160,8 +214,7 @@ class Consumer:
 
     def _give_back(self, deliveries: Sequence[Delivery]) -> None:
         self.broker.release(deliveries)
-        with self._held_lock:
-            self._held = [d for d in self._held if d not in deliveries]
+        self._unhold(deliveries)
 
     def _flush_quietly(self) -> None:
         try:
@@ -184,13 +237,22 @@ class Consumer:
     def _reached_max(self) -> bool:
         return self.max_tasks is not None and self.processed >= self.max_tasks
 
+    def running(self) -> str | None:
+        """The id of the task running now, if any."""
+        return self.executor.running
+
     def held(self) -> list[Delivery]:
         with self._held_lock:
             return list(self._held)
 
 
 class LeaseKeeper(threading.Thread):
-    """Extends the leases of a consumer's deliveries while it works on them."""
+    """Keeps a consumer's leases alive and notices revocations of the tasks it holds.
+
+    It wakes every REVOKE_CHECK_INTERVAL: then it reads which held tasks were revoked (so they
+    are skipped, or stopped when revoked with terminate=True), and every third of the lease it
+    extends the leases.
+    """
 
     def __init__(self, consumer: Consumer) -> None:
         super().__init__(name=f"lease-keeper-{consumer.worker_id}", daemon=True)
@@ -199,20 +261,42 @@ class LeaseKeeper(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
+        last_extend = time.monotonic()
+        while not self._stop_event.wait(min(REVOKE_CHECK_INTERVAL, self.interval)):
             held = self.consumer.held()
             if not held:
                 continue
             try:
-                self.consumer.broker.extend(held)
+                self._check_revoked(held)
+                if time.monotonic() - last_extend >= self.interval:
+                    self.consumer.broker.extend(held)
+                    last_extend = time.monotonic()
             except Exception as exc:
                 logger.warning("Could not extend %d leases: %s", len(held), exc)
             finally:
                 close_broken_connections()
 
+    def _check_revoked(self, held: Sequence[Delivery]) -> None:
+        ids = [d.message.id for d in held if d.message]
+        terminate = self.consumer.check_revoked(ids)
+        running = self.consumer.running()
+        if running is not None and running in terminate and self.consumer.interrupt:
+            logger.warning("Task %s was revoked with terminate=True: stopping it", running)
+            self.consumer.interrupt()
+
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=5)
+
+
+def resident_kib() -> int:
+    """This process's resident memory in KiB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
 def close_broken_connections() -> None:

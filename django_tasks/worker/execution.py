@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Any
 
 from django.dispatch import Signal
@@ -17,11 +19,19 @@ from django.utils import timezone
 
 from ..backend import TasksBackend
 from ..brokers import Delivery
+from ..exceptions import Retry, SoftTimeLimitExceeded, Terminated
 from ..messages import Message, _encoder
 from ..models import TaskResult
 from ..registry import registry
 from ..results import ResultStore, error_entry
-from ..signals import task_failure, task_postrun, task_prerun, task_revoked, task_success
+from ..signals import (
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    task_revoked,
+    task_success,
+)
 from ..states import TaskState
 from ..task import Request, Task, pop_request, push_request
 
@@ -34,12 +44,14 @@ class Abort(BaseException):
 
 @dataclass(slots=True)
 class Outcome:
-    """What became of one delivery; the consumer stores ``row``, then acks."""
+    """What became of one delivery; the consumer stores ``row``, then acks (or requeues)."""
 
     delivery: Delivery
     state: str
     row: TaskResult | None = None
     dead_letter: str | None = None
+    #: The next attempt and when it is due (a Unix time), replacing the delivery.
+    retry: tuple[Message, float] | None = None
 
 
 @dataclass(slots=True)
@@ -60,10 +72,23 @@ class Attempt:
 class Executor:
     """Runs deliveries for one consumer and turns each into an Outcome."""
 
-    def __init__(self, backend: TasksBackend, worker_id: str) -> None:
+    def __init__(
+        self,
+        backend: TasksBackend,
+        worker_id: str,
+        *,
+        alarms: bool = False,
+        monitor: Monitor | None = None,
+    ) -> None:
         self.backend = backend
         self.worker_id = worker_id
         self.store = ResultStore()
+        #: Task ids revoked while this consumer held them (kept fresh by the lease keeper).
+        self.revoked: set[str] = set()
+        #: Whether SIGALRM may carry soft time limits (the main thread of a pool process).
+        self.alarms = alarms
+        self.monitor = monitor
+        self.running: str | None = None
 
     def execute(self, delivery: Delivery) -> Outcome:
         message = delivery.message
@@ -74,6 +99,8 @@ class Executor:
             return self._dead(delivery, f"unknown task {message.task!r}: not registered here")
         if message.expires is not None and message.expires < time.time():
             return self._revoked(delivery, task, message, "expired")
+        if message.id in self.revoked:
+            return self._revoked(delivery, task, message, "revoked")
         return self._run(delivery, task, message)
 
     def _dead(self, delivery: Delivery, reason: str) -> Outcome:
@@ -104,13 +131,34 @@ class Executor:
         _send(task_prerun, task, task_id=message.id, task=task, args=message.args,
               kwargs=message.kwargs)  # fmt: skip
         push_request(self._request(message))
+        soft, hard = _limits(task, message)
+        self._begin(attempt, soft, hard)
         try:
             value = self._call(attempt)
+        except Retry as retry:
+            return self._retried(attempt, retry.exc, retry.when or 0.0)
+        except Terminated:
+            return self._terminated(attempt)
         except Exception as exc:
-            return self._failed(attempt, exc)
+            return self._failed_or_retried(attempt, exc)
         finally:
+            self._end()
             pop_request()
         return self._succeeded(attempt, value)
+
+    def _begin(self, attempt: Attempt, soft: float | None, hard: float | None) -> None:
+        self.running = attempt.message.id
+        if self.monitor is not None:
+            self.monitor.started(attempt.delivery, None if hard is None else time.time() + hard)
+        if soft is not None and self.alarms:
+            signal.setitimer(signal.ITIMER_REAL, soft)
+
+    def _end(self) -> None:
+        if self.alarms:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        self.running = None
+        if self.monitor is not None:
+            self.monitor.finished()
 
     def _call(self, attempt: Attempt) -> Any:
         task, message = attempt.task, attempt.message
@@ -135,19 +183,48 @@ class Executor:
         _send(task_success, attempt.task, task_id=message.id, result=value)
         return self._finish(attempt, value)
 
+    def _failed_or_retried(self, attempt: Attempt, exc: Exception) -> Outcome:
+        task, message = attempt.task, attempt.message
+        if isinstance(task, Task) and task.autoretry_for and isinstance(exc, task.autoretry_for):
+            limit = task.max_retries
+            if limit is None or message.retries < limit:
+                return self._retried(attempt, exc, task.retry_delay(message.retries))
+        return self._failed(attempt, exc)
+
     def _failed(self, attempt: Attempt, exc: Exception) -> Outcome:
         message, row = attempt.message, attempt.row
         logger.error("Task %s[%s] failed in %.3fs: %r", message.task, message.id,
                      attempt.elapsed(), exc, exc_info=exc)  # fmt: skip
-        entry = error_entry(exc)
+        _record_error(row, exc)
         row.state, row.date_done = TaskState.FAILURE, timezone.now()
-        row.exception_type = entry["exception_class_path"]
-        row.exception_message = entry["message"]
-        row.traceback = entry["traceback"]
-        row.errors = [entry]
         _send(task_failure, attempt.task, task_id=message.id, exception=exc,
               traceback=row.traceback)  # fmt: skip
         return self._finish(attempt, exc)
+
+    def _retried(self, attempt: Attempt, exc: BaseException | None, delay: float) -> Outcome:
+        """Schedule the next attempt: state RETRY now, the same task id again after ``delay``."""
+        task, message, row = attempt.task, attempt.message, attempt.row
+        logger.warning("Task %s[%s] retry %d in %.1fs: %r", message.task, message.id,
+                       message.retries + 1, delay, exc)  # fmt: skip
+        if exc is not None:
+            _record_error(row, exc)
+        row.state, row.retries = TaskState.RETRY, message.retries + 1
+        eta = time.time() + delay
+        headers = {**message.headers, "worker_ids": row.worker_ids}
+        following = replace(message, retries=message.retries + 1, eta=eta, headers=headers)
+        _send(task_retry, task, task_id=message.id, reason=exc, eta=eta)
+        _send(task_postrun, task, task_id=message.id, task=task, args=message.args,
+              kwargs=message.kwargs, retval=exc, state=row.state)  # fmt: skip
+        stored = None if _ignores_result(task) else row
+        return Outcome(attempt.delivery, TaskState.RETRY, stored, retry=(following, eta))
+
+    def _terminated(self, attempt: Attempt) -> Outcome:
+        message, row = attempt.message, attempt.row
+        logger.warning("Task %s[%s] terminated (revoked) after %.3fs", message.task,
+                       message.id, attempt.elapsed())  # fmt: skip
+        row.state, row.reason, row.date_done = TaskState.REVOKED, "terminated", timezone.now()
+        _send(task_revoked, attempt.task, task_id=message.id, reason="terminated")
+        return self._finish(attempt, None)
 
     def _finish(self, attempt: Attempt, retval: Any) -> Outcome:
         """Tell Django's and our postrun receivers, and hand the row to the consumer."""
@@ -212,6 +289,42 @@ def _finish_django_result(result: DjangoTaskResult, row: TaskResult) -> None:
                 exception_class_path=entry["exception_class_path"], traceback=entry["traceback"]
             )
         )
+
+
+def _record_error(row: TaskResult, exc: BaseException) -> None:
+    entry = error_entry(exc)
+    row.exception_type = entry["exception_class_path"]
+    row.exception_message = entry["message"]
+    row.traceback = entry["traceback"]
+    row.errors = [entry]
+
+
+def _limits(task: DjangoTask, message: Message) -> tuple[float | None, float | None]:
+    """The soft and hard time limits of this call: the call's options, else the task's."""
+    soft = message.headers.get("soft_time_limit")
+    hard = message.headers.get("time_limit")
+    if isinstance(task, Task):
+        soft = soft if soft is not None else task.soft_time_limit
+        hard = hard if hard is not None else task.time_limit
+    return soft, hard
+
+
+def raise_soft_time_limit(signum: int, frame: FrameType | None) -> None:
+    """SIGALRM handler of pool processes: the running task overran its soft time limit."""
+    raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+class Monitor:
+    """Reports the running task to whoever enforces hard time limits (the pool's parent)."""
+
+    def started(self, delivery: Delivery, hard_deadline: float | None) -> None:
+        """``delivery`` started; it must be stopped after ``hard_deadline`` (a Unix time)."""
+
+    def finished(self) -> None:
+        """The running task ended."""
+
+    def held(self, deliveries: list[Delivery]) -> None:
+        """The deliveries leased by this pool member now (running or waiting to run)."""
 
 
 def _ignores_result(task: DjangoTask) -> bool:

@@ -15,6 +15,7 @@ deliveries go back to the queue at once.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
@@ -32,10 +33,14 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from ..backend import TasksBackend, get_backend
+from ..brokers import Delivery
+from ..exceptions import Terminated, TimeLimitExceeded, WorkerLostError
+from ..messages import Message
 from ..models import Worker as WorkerRecord
 from ..registry import registry
+from ..results import ResultStore
 from .consumer import Consumer
-from .execution import Abort
+from .execution import Abort, Monitor, raise_soft_time_limit
 
 logger = logging.getLogger("django_tasks.worker")
 
@@ -44,6 +49,8 @@ SUPERVISE_INTERVAL = 0.2
 #: A child that dies sooner than this after its start delays its restart (crash loop guard).
 RESTART_DELAY = 1.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+#: The exit status of a pool process that stopped to be replaced (per-child limits).
+RECYCLE_EXIT = 3
 
 
 @dataclass(kw_only=True)
@@ -54,6 +61,8 @@ class WorkerOptions:
     pool: str = "process"
     prefetch: int | None = None
     max_tasks: int | None = None
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None
     burst: bool = False
     hostname: str = field(default_factory=socket.gethostname)
 
@@ -163,6 +172,9 @@ class ProcessPool:
         self.worker = worker
         self.context = multiprocessing.get_context("fork")
         self.children: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
+        self.slots = [SlotMonitor(self.context) for _ in range(worker.options.concurrency)]
+        #: Task ids whose pool process was killed for overrunning its time limit, by slot.
+        self.overrun: dict[int, dict[str, Any]] = {}
         self.processed = self.context.Value("Q", 0)
         self.forwarded = 0
 
@@ -174,6 +186,7 @@ class ProcessPool:
         while self.children:
             self.worker.wait(SUPERVISE_INTERVAL)
             self._forward_signals()
+            self._enforce_time_limits()
             self._reap()
             if time.monotonic() - last_beat >= HEARTBEAT_INTERVAL:
                 self.worker.heartbeat(self.processed.value)
@@ -183,9 +196,10 @@ class ProcessPool:
         # Children must not share the parent's database or broker connections.
         connections.close_all()
         self.worker.backend.broker.close()
+        self.slots[slot].clear()
         process = self.context.Process(
             target=_child_main,
-            args=(self.worker, slot, self.processed),
+            args=(self.worker, slot, self.processed, self.slots[slot]),
             name=f"{self.worker.name}-{slot}",
             daemon=False,
         )
@@ -203,32 +217,87 @@ class ProcessPool:
                 if process.pid is not None and process.is_alive():
                     os.kill(process.pid, signal.SIGTERM)
 
+    def _enforce_time_limits(self) -> None:
+        """Kill a pool process whose running task overran its hard time limit."""
+        now = time.time()
+        for slot, (process, _started) in self.children.items():
+            running = self.slots[slot].read().get("running")
+            deadline = running.get("deadline") if running else None
+            if running is None or deadline is None or now <= deadline or slot in self.overrun:
+                continue
+            logger.error("Task %s[%s] exceeded its time limit: stopping pool process %s",
+                         running["task"], running["id"], process.name)  # fmt: skip
+            self.overrun[slot] = running
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGKILL)
+
     def _reap(self) -> None:
         for slot, (process, started) in list(self.children.items()):
             if process.is_alive():
                 continue
             process.join()
             del self.children[slot]
+            overrun = self.overrun.pop(slot, None)
+            if process.exitcode != 0:
+                self._recover(slot, process, overrun)
             if self._should_restart(process):
-                logger.error(
-                    "Pool process %s exited with code %s; starting a new one",
-                    process.name,
-                    process.exitcode,
-                )
+                if process.exitcode != RECYCLE_EXIT and overrun is None:
+                    logger.error("Pool process %s exited with code %s; starting a new one",
+                                 process.name, process.exitcode)  # fmt: skip
                 if time.monotonic() - started < RESTART_DELAY:
                     self.worker.wait(RESTART_DELAY)
                 if not self.worker.stopping:
                     self._spawn(slot)
 
+    def _recover(self, slot: int, process: multiprocessing.process.BaseProcess,
+                 overrun: dict[str, Any] | None) -> None:  # fmt: skip
+        """Settle the deliveries a dead pool process held: fail, redeliver or give back."""
+        state = self.slots[slot].read()
+        running = state.get("running")
+        waiting = [h for h in state.get("held", []) if not running or h["tag"] != running["tag"]]
+        try:
+            if waiting:
+                self.worker.backend.broker.release([_delivery(h) for h in waiting])
+            if running:
+                self._settle_running(running, process, overrun)
+        except Exception:
+            logger.exception("Could not settle the tasks of pool process %s; they return to "
+                             "the queue when their leases expire", process.name)  # fmt: skip
+        finally:
+            close_old_connections()
+
+    def _settle_running(self, running: dict[str, Any], process: multiprocessing.process.BaseProcess,
+                        overrun: dict[str, Any] | None) -> None:  # fmt: skip
+        broker, store = self.worker.backend.broker, ResultStore()
+        label = f"{running['task']}[{running['id']}]"
+        redeliveries = self.worker.backend.config.worker_lost_redeliveries
+        error: Exception
+        if overrun is not None and overrun["id"] == running["id"]:
+            error = TimeLimitExceeded(f"Task {label} exceeded its time limit and was stopped.")
+        elif running["count"] <= redeliveries:
+            logger.warning("Pool process %s died running task %s (exit code %s): delivering "
+                           "it again", process.name, label, process.exitcode)  # fmt: skip
+            broker.release([_delivery(running)])
+            return
+        else:
+            error = WorkerLostError(
+                f"The worker process running task {label} died (exit code {process.exitcode}) "
+                f"on each of its {running['count']} deliveries."
+            )
+        logger.error("Task %s failed: %s", label, error)
+        store.fail(running["id"], error)
+        broker.ack([_delivery(running)])
+        broker.notify_results([running["id"]])
+
     def _should_restart(self, process: multiprocessing.process.BaseProcess) -> bool:
         if self.worker.stopping:
             return False
-        options = self.worker.options
-        finished = process.exitcode == 0 and (options.burst or options.max_tasks is not None)
-        return not finished
+        # A member that exited 0 finished its --burst or --max-tasks run; anything else
+        # (a crash, a kill, or RECYCLE_EXIT for the per-child limits) is replaced.
+        return process.exitcode != 0
 
 
-def _child_main(worker: Worker, slot: int, processed: Any) -> None:
+def _child_main(worker: Worker, slot: int, processed: Any, monitor: SlotMonitor) -> None:
     """The body of a pool process: one Consumer until the parent says stop.
 
     The parent forks with SIGTERM blocked, so a stop request that arrives before the handlers
@@ -246,24 +315,95 @@ def _child_main(worker: Worker, slot: int, processed: Any) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The parent forwards what matters.
+    signal.signal(signal.SIGALRM, raise_soft_time_limit)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _die_with_parent()
-    backend = get_backend(worker.options.backend)
+    options = worker.options
     consumer = Consumer(
-        backend,
-        worker.queues,
-        f"{worker.name}-{slot}",
-        prefetch=worker.options.prefetch,
-        max_tasks=worker.options.max_tasks,
-        burst=worker.options.burst,
-        on_task=lambda: _increment(processed),
-        stopping=stopping,
-    )
+        get_backend(options.backend), worker.queues, f"{worker.name}-{slot}",
+        prefetch=options.prefetch, max_tasks=options.max_tasks_per_child or options.max_tasks,
+        burst=options.burst, on_task=lambda: _increment(processed), stopping=stopping,
+        max_memory_kib=options.max_memory_per_child, alarms=True, monitor=monitor,
+    )  # fmt: skip
+    main_thread = threading.get_ident()
+
+    def on_terminate(signum: int, frame: FrameType | None) -> None:
+        # Only a task still running is stopped: the revoke may arrive just after it ended.
+        if consumer.running() is not None:
+            raise Terminated()
+
+    signal.signal(signal.SIGUSR1, on_terminate)
+    consumer.interrupt = lambda: signal.pthread_kill(main_thread, signal.SIGUSR1)
     try:
         consumer.run()
     finally:
         connections.close_all()
-    sys.exit(0)
+    limit = options.max_tasks_per_child
+    spent = limit is not None and consumer.processed >= limit
+    sys.exit(RECYCLE_EXIT if consumer.recycle or spent else 0)
+
+
+class SlotMonitor(Monitor):
+    """What a pool process is doing, in memory shared with the parent (one JSON document)."""
+
+    SIZE = 16384
+
+    def __init__(self, context: Any) -> None:
+        self.array = context.Array("c", self.SIZE)
+        self.state: dict[str, Any] = {"running": None, "held": []}
+
+    def started(self, delivery: Delivery, hard_deadline: float | None) -> None:
+        self.state["running"] = {**_describe(delivery), "deadline": hard_deadline}
+        self._write()
+
+    def finished(self) -> None:
+        self.state["running"] = None
+        self._write()
+
+    def held(self, deliveries: list[Delivery]) -> None:
+        self.state["held"] = [_describe(d) for d in deliveries]
+        self._write()
+
+    def clear(self) -> None:
+        self.state = {"running": None, "held": []}
+        self._write()
+
+    def _write(self) -> None:
+        data = json.dumps(self.state).encode()
+        if len(data) >= self.SIZE:  # Too many held deliveries: their leases will expire.
+            data = json.dumps({**self.state, "held": []}).encode()
+        with self.array.get_lock():
+            self.array.value = data
+
+    def read(self) -> dict[str, Any]:
+        """The last state written (by the parent; empty if it cannot be read now)."""
+        if not self.array.get_lock().acquire(timeout=0.5):
+            return {"running": None, "held": []}
+        try:
+            data = self.array.value
+        finally:
+            self.array.get_lock().release()
+        return json.loads(data) if data else {"running": None, "held": []}
+
+
+def _describe(delivery: Delivery) -> dict[str, Any]:
+    message = delivery.message
+    return {
+        "tag": delivery.tag,
+        "queue": delivery.queue,
+        "count": delivery.delivery_count,
+        "id": message.id if message else delivery.tag,
+        "task": message.task if message else "?",
+        "priority": message.priority if message else 0,
+    }
+
+
+def _delivery(described: dict[str, Any]) -> Delivery:
+    """A Delivery rebuilt from _describe(), enough to ack or release it."""
+    message = Message(id=described["id"], task=described["task"], queue=described["queue"],
+                      priority=described["priority"])  # fmt: skip
+    return Delivery(described["tag"], described["queue"], "", message,
+                    delivery_count=described["count"])  # fmt: skip
 
 
 def _increment(counter: Any) -> None:

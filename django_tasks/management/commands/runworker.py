@@ -60,6 +60,19 @@ class Command(BaseCommand):
             help="Each pool member exits after this many tasks; the worker exits when all have.",
         )
         parser.add_argument(
+            "--max-tasks-per-child",
+            type=int,
+            default=None,
+            help="Replace a pool process after it ran this many tasks (process pool).",
+        )
+        parser.add_argument(
+            "--max-memory-per-child",
+            type=int,
+            default=None,
+            help="Replace a pool process once its resident memory exceeds this many KiB, after "
+            "the task that made it grow (process pool).",
+        )
+        parser.add_argument(
             "--burst",
             action="store_true",
             help="Exit once the queues are empty instead of waiting for more work.",
@@ -78,6 +91,8 @@ class Command(BaseCommand):
             "pool": options["pool"],
             "prefetch": options["prefetch"],
             "max_tasks": options["max_tasks"],
+            "max_tasks_per_child": options["max_tasks_per_child"],
+            "max_memory_per_child": options["max_memory_per_child"],
             "burst": options["burst"],
         }
         if options["hostname"]:
@@ -92,10 +107,17 @@ class Command(BaseCommand):
                 f"Unknown queue(s) {', '.join(unknown)}; TASKS['{options['backend']}']['QUEUES'] "
                 f"has {', '.join(sorted(known))}."
             )
-        for name in ("concurrency", "prefetch", "max_tasks"):
+        for name in ("concurrency", "prefetch", "max_tasks", "max_tasks_per_child",
+                     "max_memory_per_child"):  # fmt: skip
             value = options[name]
             if value is not None and value < 1:
                 raise CommandError(f"--{name.replace('_', '-')} must be at least 1.")
+        if options["pool"] == "thread" and (
+            options["max_tasks_per_child"] or options["max_memory_per_child"]
+        ):
+            raise CommandError(
+                "--max-tasks-per-child and --max-memory-per-child apply to the process pool."
+            )
 
     @staticmethod
     def _configure_logging(level: str) -> None:

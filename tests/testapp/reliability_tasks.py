@@ -1,0 +1,87 @@
+"""Tasks for the reliability tests (retries, time limits, dying pool processes, transactions).
+
+Workers import this module through OPTIONS["IMPORTS"] of the test settings.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from django_tasks import task
+from django_tasks.exceptions import SoftTimeLimitExceeded
+from tests.testapp.models import Execution
+
+
+class Flaky(Exception):
+    pass
+
+
+def _attempt(marker: str) -> int:
+    """Record this attempt; return how many attempts there have been, this one included."""
+    Execution.objects.create(marker=marker, pid=os.getpid())
+    return Execution.objects.filter(marker=marker).count()
+
+
+@task(bind=True, max_retries=3)
+def succeeds_on_third_attempt(self: Any, marker: str) -> dict[str, int]:
+    attempt = _attempt(marker)
+    if attempt < 3:
+        raise self.retry(exc=Flaky(f"attempt {attempt}"), countdown=0.2)
+    return {"attempt": attempt, "retries": self.request.retries}
+
+
+@task(bind=True, max_retries=1)
+def always_retries(self: Any, marker: str, countdown: float = 0.2) -> None:
+    attempt = _attempt(marker)
+    raise self.retry(exc=Flaky(f"attempt {attempt}"), countdown=countdown)
+
+
+@task(autoretry_for=(Flaky,), max_retries=2, retry_backoff=0.1, retry_jitter=False)
+def autoretried(marker: str) -> None:
+    attempt = _attempt(marker)
+    raise Flaky(f"attempt {attempt}")
+
+
+@task(soft_time_limit=0.5)
+def cleans_up_after_soft_limit(seconds: float) -> str:
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "finished"
+
+
+@task(time_limit=1)
+def overruns(seconds: float) -> str:
+    time.sleep(seconds)
+    return "finished"
+
+
+@task
+def sleeps(seconds: float) -> str:
+    time.sleep(seconds)
+    return "finished"
+
+
+@task
+def dies(marker: str) -> None:
+    """Kill its own pool process, as a segfault or the OOM killer would."""
+    _attempt(marker)
+    os._exit(1)
+
+
+@task
+def row_exists(marker: str) -> bool:
+    return Execution.objects.filter(marker=marker).exists()
+
+
+@task
+def grows(megabytes: int) -> int:
+    """Keep ``megabytes`` of memory alive in this process."""
+    _BALLAST.append(bytearray(megabytes * 1024 * 1024))
+    return os.getpid()
+
+
+_BALLAST: list[bytearray] = []
