@@ -64,6 +64,12 @@ def test_soft_time_limit_lets_the_task_clean_up(e2e_sqlite: E2E) -> None:
     assert rt.cleans_up_after_soft_limit.delay(30).get(timeout=20) == "cleaned up"
 
 
+def test_soft_time_limit_in_the_thread_pool(e2e_sqlite: E2E) -> None:
+    e2e_sqlite.start_worker("--pool", "thread", "-c", "2")
+    assert rt.polls_until_soft_limit.delay(30).get(timeout=20) == "cleaned up"
+    assert tasks.add.delay(1, 2).get(timeout=20) == 3
+
+
 def test_hard_time_limit_stops_the_task_and_the_pool_goes_on(e2e: E2E) -> None:
     e2e.start_worker("-c", "1")
     result = rt.overruns.delay(60)

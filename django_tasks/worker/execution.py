@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -89,6 +91,7 @@ class Executor:
         self.alarms = alarms
         self.monitor = monitor
         self.running: str | None = None
+        self.thread_alarm = ThreadAlarm()
 
     def execute(self, delivery: Delivery) -> Outcome:
         message = delivery.message
@@ -152,10 +155,14 @@ class Executor:
             self.monitor.started(attempt.delivery, None if hard is None else time.time() + hard)
         if soft is not None and self.alarms:
             signal.setitimer(signal.ITIMER_REAL, soft)
+        elif soft is not None:
+            self.thread_alarm.arm(soft)
 
     def _end(self) -> None:
         if self.alarms:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        else:
+            self.thread_alarm.disarm()
         self.running = None
         if self.monitor is not None:
             self.monitor.finished()
@@ -312,6 +319,50 @@ def _limits(task: DjangoTask, message: Message) -> tuple[float | None, float | N
 def raise_soft_time_limit(signum: int, frame: FrameType | None) -> None:
     """SIGALRM handler of pool processes: the running task overran its soft time limit."""
     raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+class ThreadAlarm:
+    """Soft time limits where SIGALRM cannot reach the task: in a thread of the thread pool.
+
+    SoftTimeLimitExceeded is raised asynchronously in the task's thread. Python delivers it at the
+    thread's next bytecode, so a task blocked inside a C call (a socket read, time.sleep) sees it
+    only when that call returns: the limit is enforced as well as a thread allows.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._thread = 0
+        self._armed = False
+        self._fired = False
+
+    def arm(self, seconds: float) -> None:
+        with self._lock:
+            self._thread, self._armed, self._fired = threading.get_ident(), True, False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._armed:
+                self._fired = _async_raise(self._thread, SoftTimeLimitExceeded)
+
+    def disarm(self) -> None:
+        if self._timer is None:
+            return
+        self._timer.cancel()
+        with self._lock:
+            self._armed = False
+            if self._fired:  # Not delivered yet: the task ended first.
+                _async_raise(self._thread, None)
+        self._timer = None
+
+
+def _async_raise(thread_id: int, exception: type[BaseException] | None) -> bool:
+    """Raise ``exception`` in another thread at its next bytecode (None clears a pending one)."""
+    argument = ctypes.py_object(exception) if exception is not None else None
+    return bool(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), argument))
 
 
 class Monitor:

@@ -85,3 +85,15 @@ def grows(megabytes: int) -> int:
 
 
 _BALLAST: list[bytearray] = []
+
+
+@task(soft_time_limit=0.5)
+def polls_until_soft_limit(seconds: float) -> str:
+    """Like cleans_up_after_soft_limit, in short steps a thread can be interrupted between."""
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            time.sleep(0.01)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "finished"
