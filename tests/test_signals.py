@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from django.tasks import TaskResultStatus
 from django.tasks.signals import task_enqueued
 
 from tests.conftest import E2E
+from tests.testapp import reliability_tasks as rt
 from tests.testapp import tasks
 from tests.testapp.models import Execution
 from tests.workers import wait_for
@@ -51,3 +53,16 @@ def test_worker_sends_signals_around_execution(e2e_sqlite: E2E) -> None:
     wait_for(lambda: "postrun" in markers(bad.id))
     assert markers(bad.id) == {"started", "prerun", "failure", "finished-FAILED", "postrun"}
     assert "this receiver is broken" in e2e.workers[0].log()
+
+
+@pytest.mark.e2e
+def test_retry_and_revoked_signals(e2e_sqlite: E2E) -> None:
+    expired = tasks.observed.apply_async(expires=0.2)
+    deadline = time.time() + 0.2
+    wait_for(lambda: time.time() > deadline)
+    e2e_sqlite.start_worker("-c", "1")
+    retried = rt.observed_retry.delay()
+    assert retried.get(timeout=20) == 1
+    wait_for(lambda: "postrun" in markers(expired.id) or "revoked" in markers(expired.id))
+    assert markers(expired.id) == {"revoked"}
+    assert {"retry", "success"} <= markers(retried.id)

@@ -152,11 +152,15 @@ class Consumer:
             self.monitor.held(held)
 
     def _run_batch(self, deliveries: list[Delivery]) -> None:
-        first_pending = time.monotonic()
+        checked = first_pending = time.monotonic()
         for index, delivery in enumerate(deliveries):
             if self.stopping.is_set():
                 self._give_back(deliveries[index:])
                 break
+            if delivery.message and time.monotonic() - checked > REVOKE_CHECK_INTERVAL:
+                # It waited behind slower tasks: look again for a revoke before running it.
+                self.check_revoked([delivery.message.id])
+                checked = time.monotonic()
             self._pending.append(self.executor.execute(delivery))
             self.processed += 1
             if self.on_task is not None:

@@ -10,7 +10,11 @@ from django.tasks.signals import task_finished, task_started
 
 from django_tasks import signals
 
-OBSERVED = {"tests.testapp.tasks.observed", "tests.testapp.tasks.observed_failure"}
+OBSERVED = {
+    "tests.testapp.tasks.observed",
+    "tests.testapp.tasks.observed_failure",
+    "tests.testapp.reliability_tasks.observed_retry",
+}
 
 
 def _record(name: str, task_id: str) -> None:
@@ -35,11 +39,15 @@ def _ours(name: str) -> Any:
     return handler
 
 
-_HANDLERS = {name: _ours(name) for name in ("prerun", "postrun", "success", "failure")}
+_HANDLERS = {
+    name: _ours(name) for name in ("prerun", "postrun", "success", "failure", "retry", "revoked")
+}
 signals.task_prerun.connect(_HANDLERS["prerun"])
 signals.task_postrun.connect(_HANDLERS["postrun"])
 signals.task_success.connect(_HANDLERS["success"])
 signals.task_failure.connect(_HANDLERS["failure"])
+signals.task_retry.connect(_HANDLERS["retry"])
+signals.task_revoked.connect(_HANDLERS["revoked"])
 
 
 @receiver(signals.task_prerun)

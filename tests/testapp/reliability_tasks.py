@@ -97,3 +97,11 @@ def polls_until_soft_limit(seconds: float) -> str:
     except SoftTimeLimitExceeded:
         return "cleaned up"
     return "finished"
+
+
+@task(bind=True, max_retries=1)
+def observed_retry(self: Any) -> int:
+    """Retries once, then succeeds (the signals test watches it)."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.1)
+    return self.request.retries
