@@ -132,7 +132,16 @@ class DatabaseBroker(Broker):
         rows = [self._row(message, body, now) for message, body in batch]
         with self._errors("store messages"):
             self.messages().bulk_create(rows)
-            self._notify_queues(m.queue for m, _ in batch if _due_soon(m.eta, self.max_wait))
+        try:
+            with self._errors("wake the consumers"):
+                self._notify_queues(m.queue for m, _ in batch if _due_soon(m.eta, self.max_wait))
+        except BrokerConnectionError as exc:
+            if self.connection.in_atomic_block:
+                raise  # The caller's transaction fails: nothing is stored.
+            # Outside atomic() the INSERT is committed: the task is queued and will run, so
+            # say so (a caller told otherwise would send it again). Idle consumers find it
+            # within max_wait without the notification.
+            logger.warning("Stored %d message(s) without waking the consumers: %s", len(rows), exc)
 
     def _row(self, message: Message, body: str, now: datetime) -> QueuedMessage:
         return QueuedMessage(

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from django.db import close_old_connections, connections
+from django.db import DatabaseError, close_old_connections, connections, transaction
 
 from ..backend import TasksBackend
 from ..brokers import Broker, Delivery
@@ -129,9 +129,17 @@ class Consumer:
         """Note which of ``task_ids`` were revoked; return those to terminate if running."""
         if not task_ids:
             return set()
-        rows = TaskResult.objects.filter(pk__in=list(task_ids), state=TaskState.REVOKED)
+        revoked = TaskResult.objects.filter(pk__in=list(task_ids), state=TaskState.REVOKED)
+        try:
+            rows = list(revoked.values_list("pk", "reason"))
+        except DatabaseError as exc:
+            # The result store is down (the task cannot start either): the lease keeper looks
+            # again every REVOKE_CHECK_INTERVAL, and a consumer must not die of it.
+            logger.warning("Could not look for revokes of %d task(s): %s", len(task_ids), exc)
+            close_broken_connections()
+            return set()
         terminate = set()
-        for task_id, reason in rows.values_list("pk", "reason"):
+        for task_id, reason in rows:
             self.executor.revoked.add(task_id)
             if reason == "terminated":
                 terminate.add(task_id)
@@ -161,7 +169,16 @@ class Consumer:
                 # It waited behind slower tasks: look again for a revoke before running it.
                 self.check_revoked([delivery.message.id])
                 checked = time.monotonic()
-            self._pending.append(self.executor.execute(delivery))
+            try:
+                outcome = self.executor.execute(delivery)
+            except (BrokerError, DatabaseError) as exc:
+                # Its STARTED row could not be written: it did not run. Keep what finished,
+                # give this one and the rest back, and let the loop back off.
+                logger.error("Could not start task %s: %s", delivery.tag, exc)
+                self._flush()
+                self._give_back_until_done(deliveries[index:])
+                return
+            self._pending.append(outcome)
             self.processed += 1
             if self.on_task is not None:
                 self.on_task()
@@ -173,22 +190,61 @@ class Consumer:
         close_broken_connections()
 
     def _flush(self) -> None:
-        """Store the finished results, then ack their deliveries, then notify."""
+        """Store the finished results, then ack their deliveries, then notify.
+
+        The tasks have run: a broker or database that cannot be reached now must not make them
+        run again. Each step is retried with backoff until it succeeds (the deliveries stay
+        held, so the lease keeper renews their leases as soon as the broker answers again); a
+        second stop signal (Abort) gives up, and the leases bring the tasks back.
+        """
         pending, self._pending = self._pending, []
         if not pending:
             return
         rows = [o.row for o in pending if o.row is not None]
-        self.executor.store.save_finished(rows)
-        self._store_dead_letters([o for o in pending if o.dead_letter])
-        for outcome in pending:
-            if outcome.retry is not None:
-                self.broker.requeue(outcome.delivery, *outcome.retry)
-        done = [o.delivery for o in pending if o.retry is None]
-        self.broker.ack(done)
+        self._until_done("store the results of", len(pending), lambda: self._store(pending, rows))
+        self._until_done("acknowledge", len(pending), lambda: self._settle(pending))
         self._unhold([o.delivery for o in pending])
         finished = [r.id for r in rows if r.state in READY_STATES]
         if finished:
-            self.broker.notify_results(finished)
+            try:
+                self.broker.notify_results(finished)
+            except BrokerError as exc:
+                # The results are stored: a waiting caller that lost the broker polls them.
+                logger.warning("Could not announce %d result(s): %s", len(finished), exc)
+
+    def _give_back_until_done(self, deliveries: list[Delivery]) -> None:
+        self._until_done("give back", len(deliveries), lambda: self._give_back(deliveries))
+
+    def _store(self, pending: list[Outcome], rows: list[TaskResult]) -> None:
+        """Results and dead letters in one transaction, so that a retry repeats neither."""
+        with transaction.atomic(using=self.executor.store.using):
+            self.executor.store.save_finished(rows)
+            self._store_dead_letters([o for o in pending if o.dead_letter])
+
+    def _settle(self, pending: list[Outcome]) -> None:
+        """Requeue the retried deliveries and ack the others."""
+        for outcome in pending:
+            if outcome.retry is not None:
+                self.broker.requeue(outcome.delivery, *outcome.retry)
+        self.broker.ack([o.delivery for o in pending if o.retry is None])
+
+    def _until_done(self, action: str, count: int, step: Callable[[], None]) -> None:
+        """Run ``step`` until it gets through: an outage delays the work, never repeats it."""
+        backoff = BACKOFF[0]
+        while True:
+            try:
+                step()
+            except (BrokerError, DatabaseError) as exc:
+                logger.error("Could not %s %d task(s): %s; retrying in %.1fs",
+                             action, count, exc, backoff)  # fmt: skip
+                close_broken_connections()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF[1])
+                continue
+            if backoff > BACKOFF[0]:
+                logger.info("Broker and database reachable again: %s %d task(s) done",
+                            action, count)  # fmt: skip
+            return
 
     def _check_memory(self) -> None:
         if self.max_memory_kib is None:
@@ -221,8 +277,14 @@ class Consumer:
         self._unhold(deliveries)
 
     def _flush_quietly(self) -> None:
+        """One attempt at storing what finished while aborting: no retries here."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
         try:
-            self._flush()
+            self._store(pending, [o.row for o in pending if o.row is not None])
+            self._settle(pending)
+            self._unhold([o.delivery for o in pending])
         except Exception:
             logger.exception("Could not store the finished results before stopping")
 

@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.tasks import TaskContext
 from django.tasks import task as django_task
 
@@ -118,3 +118,28 @@ def observed() -> str:
 @task
 def observed_failure() -> None:
     raise CustomError("observed")
+
+
+# Appended for tests/test_faults.py (the lines above stay as they were).
+
+
+@task(
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=0.5,
+    retry_backoff_max=2.0,
+    retry_jitter=False,
+    max_retries=None,
+)
+def record_through_outages(marker: str, seconds: float = 0.0) -> int:
+    """record(), then sleep ``seconds`` after the first execution only (a task in flight).
+
+    Written as a task that must survive a restart of its own database is: a database error
+    retries it. tests/test_faults.py counts its executions while PostgreSQL restarts under it.
+    """
+    from tests.testapp.models import Execution
+
+    first = not Execution.objects.filter(marker=marker).exists()
+    count = record(marker)
+    if first:
+        time.sleep(seconds)
+    return count
