@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISH_ON_COMMIT": True,  # Redis: inside atomic(), publish when the transaction commits.
     "CONNECT_TIMEOUT": 5.0,  # Seconds delay() waits for an unreachable broker before raising.
     "WORKER_LOST_REDELIVERIES": 1,  # A task whose pool process dies runs again this many times.
+    "TRACK_STARTED_AFTER": 0.1,  # Seconds a task runs before its row says STARTED (0: at once).
     "BEAT_SCHEDULE": {},  # Periodic tasks declared in settings (the scheduler).
 }
 
@@ -52,6 +53,7 @@ class BackendConfig:
     publish_on_commit: bool
     connect_timeout: float
     worker_lost_redeliveries: int = 1
+    track_started_after: float = 0.1
     beat_schedule: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -93,6 +95,9 @@ class BackendConfig:
             key_prefix=_string(prefix, "KEY_PREFIX", merged["KEY_PREFIX"]),
             publish_on_commit=bool(merged["PUBLISH_ON_COMMIT"]),
             connect_timeout=_positive(prefix, "CONNECT_TIMEOUT", merged["CONNECT_TIMEOUT"]),
+            track_started_after=_non_negative(
+                prefix, "TRACK_STARTED_AFTER", merged["TRACK_STARTED_AFTER"]
+            ),
             worker_lost_redeliveries=int(
                 _non_negative(
                     prefix,

@@ -159,7 +159,7 @@ def test_warm_shutdown_finishes_the_running_task(e2e: E2E) -> None:
 def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E) -> None:
     worker = e2e.start_worker("-c", "1")
     result = tasks.slow_once.delay("abort", 60)
-    wait_for(lambda: Execution.objects.filter(marker="abort").exists())
+    wait_for(lambda: result.state == TaskState.STARTED)
     worker.signal(signal.SIGTERM)
     wait_for(lambda: "finishing running tasks" in worker.log())
     worker.signal(signal.SIGINT)

@@ -65,8 +65,15 @@ class ResultStore:
         return TaskResult.objects.using(router.db_for_read(TaskResult)).filter(pk=task_id).first()
 
     def save_started(self, results: Sequence[TaskResult]) -> None:
-        """Insert or update rows as STARTED, keeping what earlier attempts recorded."""
-        self._upsert(results, STARTED_FIELDS)
+        """Insert or update rows as STARTED, keeping what earlier attempts recorded.
+
+        A row revoked meanwhile stays REVOKED: the worker sees it and stops (or skips) the task.
+        """
+        rows = TaskResult.objects.using(self.using)
+        for result in results:
+            fields = {name: getattr(result, name) for name in STARTED_FIELDS}
+            if not rows.filter(pk=result.pk).exclude(state=TaskState.REVOKED).update(**fields):
+                rows.bulk_create([result], ignore_conflicts=True)
 
     def save_finished(self, results: Sequence[TaskResult]) -> None:
         """Insert or update final (or RETRY) rows in one statement.
@@ -85,11 +92,13 @@ class ResultStore:
                 result.errors = [*(previous.get(task_id) or []), *result.errors]
         self._upsert(results, FINISHED_FIELDS)
 
-    def fail(self, task_id: str, exc: BaseException) -> bool:
-        """Mark a started task FAILURE with ``exc`` (its worker could not); False if no row."""
+    def fail(
+        self, task_id: str, exc: BaseException, *, task_name: str = "", queue: str = ""
+    ) -> None:
+        """Mark a task FAILURE with ``exc`` because its worker could not (it died)."""
         row = TaskResult.objects.using(self.using).filter(pk=task_id).first()
-        if row is None:
-            return False
+        if row is None:  # It died before its STARTED row was due.
+            row = TaskResult(id=task_id, task_name=task_name, queue=queue)
         entry = error_entry(exc)
         row.state = TaskState.FAILURE
         row.exception_type = entry["exception_class_path"]
@@ -97,9 +106,7 @@ class ResultStore:
         row.traceback = entry["traceback"]
         row.errors = [*row.errors, entry]
         row.date_done = timezone.now()
-        row.save(using=self.using, update_fields=["state", "exception_type", "exception_message",
-                                                   "traceback", "errors", "date_done"])  # fmt: skip
-        return True
+        row.save(using=self.using)
 
     def _upsert(self, results: Sequence[TaskResult], fields: list[str]) -> None:
         if not results:

@@ -29,6 +29,8 @@ logger = logging.getLogger("django_tasks.worker")
 FLUSH_INTERVAL = 0.005
 #: The longest one consume call blocks, so a stop request is seen within it.
 CONSUME_TIMEOUT = 1.0
+#: How often the lease keeper wakes (to record long-running tasks as STARTED).
+KEEPER_TICK = 0.05
 #: How often the lease keeper looks for revocations of the tasks its consumer holds.
 REVOKE_CHECK_INTERVAL = 1.0
 #: Backoff after a broker error: doubles from the first to the last value.
@@ -313,11 +315,12 @@ class Consumer:
 
 
 class LeaseKeeper(threading.Thread):
-    """Keeps a consumer's leases alive and notices revocations of the tasks it holds.
+    """Keeps a consumer's leases alive, notices revocations, and records long tasks as STARTED.
 
-    It wakes every REVOKE_CHECK_INTERVAL: then it reads which held tasks were revoked (so they
-    are skipped, or stopped when revoked with terminate=True), and every third of the lease it
-    extends the leases.
+    It wakes every KEEPER_TICK: it writes the STARTED row of a task that has run for
+    OPTIONS["TRACK_STARTED_AFTER"] seconds; every REVOKE_CHECK_INTERVAL it reads which held
+    tasks were revoked (so they are skipped, or stopped when revoked with terminate=True); and
+    every third of the lease it extends the leases.
     """
 
     def __init__(self, consumer: Consumer) -> None:
@@ -327,18 +330,20 @@ class LeaseKeeper(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        last_extend = time.monotonic()
-        while not self._stop_event.wait(min(REVOKE_CHECK_INTERVAL, self.interval)):
-            held = self.consumer.held()
-            if not held:
-                continue
+        last_extend = last_check = time.monotonic()
+        while not self._stop_event.wait(min(KEEPER_TICK, self.interval)):
+            now = time.monotonic()
             try:
-                self._check_revoked(held)
-                if time.monotonic() - last_extend >= self.interval:
+                self.consumer.executor.record_started_if_due()
+                held = self.consumer.held()
+                if held and now - last_check >= REVOKE_CHECK_INTERVAL:
+                    self._check_revoked(held)
+                    last_check = now
+                if held and now - last_extend >= self.interval:
                     self.consumer.broker.extend(held)
-                    last_extend = time.monotonic()
+                    last_extend = now
             except Exception as exc:
-                logger.warning("Could not extend %d leases: %s", len(held), exc)
+                logger.warning("Lease keeper: %s (retrying)", exc)
             finally:
                 close_broken_connections()
 

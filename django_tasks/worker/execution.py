@@ -92,6 +92,9 @@ class Executor:
         self.monitor = monitor
         self.running: str | None = None
         self.thread_alarm = ThreadAlarm()
+        self.track_started_after = backend.config.track_started_after
+        self._started_lock = threading.Lock()
+        self._unrecorded: tuple[TaskResult, float] | None = None
 
     def execute(self, delivery: Delivery) -> Outcome:
         message = delivery.message
@@ -127,7 +130,7 @@ class Executor:
     def _run(self, delivery: Delivery, task: DjangoTask, message: Message) -> Outcome:
         row = self._row(message, TaskState.STARTED)
         if not _ignores_result(task):
-            self.store.save_started([row])
+            self._track_started(row)
         attempt = Attempt(delivery, task, message, row, self.backend.to_django_result(row, task))
         logger.info("Task %s[%s] received", message.task, message.id)
         task_started.send(type(self.backend), task_result=attempt.django_result)
@@ -158,7 +161,32 @@ class Executor:
         elif soft is not None:
             self.thread_alarm.arm(soft)
 
+    def _track_started(self, row: TaskResult) -> None:
+        """Record the STARTED row now, or (by default) once the task has run a little while.
+
+        Most tasks finish in milliseconds: their row goes straight to its final state, which
+        saves a database write per task. The lease keeper writes the STARTED row of a task that
+        runs longer (record_started_if_due).
+        """
+        if self.track_started_after <= 0:
+            self.store.save_started([row])
+            return
+        with self._started_lock:
+            self._unrecorded = (row, time.monotonic() + self.track_started_after)
+
+    def record_started_if_due(self) -> None:
+        """Write the STARTED row of the running task if it has run long enough (any thread)."""
+        with self._started_lock:
+            if self._unrecorded is None or time.monotonic() < self._unrecorded[1]:
+                return
+            row, _due = self._unrecorded
+            self._unrecorded = None
+            # Under the lock: the task's final row cannot be written before this one.
+            self.store.save_started([row])
+
     def _end(self) -> None:
+        with self._started_lock:
+            self._unrecorded = None
         if self.alarms:
             signal.setitimer(signal.ITIMER_REAL, 0)
         else:

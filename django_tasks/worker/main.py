@@ -285,7 +285,7 @@ class ProcessPool:
                 f"on each of its {running['count']} deliveries."
             )
         logger.error("Task %s failed: %s", label, error)
-        store.fail(running["id"], error)
+        store.fail(running["id"], error, task_name=running["task"], queue=running["queue"])
         broker.ack([_delivery(running)])
         broker.notify_results([running["id"]])
 
@@ -344,46 +344,57 @@ def _child_main(worker: Worker, slot: int, processed: Any, monitor: SlotMonitor)
 
 
 class SlotMonitor(Monitor):
-    """What a pool process is doing, in memory shared with the parent (one JSON document)."""
+    """What a pool process is doing, in memory shared with the parent.
 
-    SIZE = 16384
+    Two JSON documents: the running task (rewritten for every task, so kept small) and the held
+    deliveries (rewritten only when a batch is leased or settled).
+    """
+
+    RUNNING_SIZE = 2048
+    HELD_SIZE = 65536
 
     def __init__(self, context: Any) -> None:
-        self.array = context.Array("c", self.SIZE)
-        self.state: dict[str, Any] = {"running": None, "held": []}
+        self.running = context.Array("c", self.RUNNING_SIZE)
+        self.holding = context.Array("c", self.HELD_SIZE)
 
     def started(self, delivery: Delivery, hard_deadline: float | None) -> None:
-        self.state["running"] = {**_describe(delivery), "deadline": hard_deadline}
-        self._write()
+        _store(self.running, {**_describe(delivery), "deadline": hard_deadline})
 
     def finished(self) -> None:
-        self.state["running"] = None
-        self._write()
+        _store(self.running, None)
 
     def held(self, deliveries: list[Delivery]) -> None:
-        self.state["held"] = [_describe(d) for d in deliveries]
-        self._write()
+        described = [_describe(d) for d in deliveries]
+        if not _store(self.holding, described):
+            _store(self.holding, [])  # Too many to describe: their leases will expire.
 
     def clear(self) -> None:
-        self.state = {"running": None, "held": []}
-        self._write()
-
-    def _write(self) -> None:
-        data = json.dumps(self.state).encode()
-        if len(data) >= self.SIZE:  # Too many held deliveries: their leases will expire.
-            data = json.dumps({**self.state, "held": []}).encode()
-        with self.array.get_lock():
-            self.array.value = data
+        _store(self.running, None)
+        _store(self.holding, [])
 
     def read(self) -> dict[str, Any]:
-        """The last state written (by the parent; empty if it cannot be read now)."""
-        if not self.array.get_lock().acquire(timeout=0.5):
-            return {"running": None, "held": []}
-        try:
-            data = self.array.value
-        finally:
-            self.array.get_lock().release()
-        return json.loads(data) if data else {"running": None, "held": []}
+        """The last state written (read by the parent)."""
+        return {"running": _load(self.running), "held": _load(self.holding) or []}
+
+
+def _store(array: Any, value: Any) -> bool:
+    data = json.dumps(value).encode()
+    if len(data) >= len(array):
+        return False
+    with array.get_lock():
+        array.value = data
+    return True
+
+
+def _load(array: Any) -> Any:
+    # A pool process killed while writing holds the lock for ever: do not wait on it.
+    if not array.get_lock().acquire(timeout=0.5):
+        return None
+    try:
+        data = array.value
+    finally:
+        array.get_lock().release()
+    return json.loads(data) if data else None
 
 
 def _describe(delivery: Delivery) -> dict[str, Any]:
