@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of django_tasks and other task queues (see bench/README.md)."""

@@ -1,0 +1,245 @@
+"""What the comparison runs on: the peers' virtualenvs, a Redis server and PostgreSQL databases of
+its own, and the physical reference (what one Redis client can do at all).
+
+Only loopback addresses are used. The Redis server is started here on a free port, without
+persistence, and stopped at the end: a Redis server already running (the test suite's on 6379)
+is never touched. PostgreSQL databases are named ``bench_compare_<library>`` and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.compare import processes
+from bench.compare.libraries import VENVS
+
+HERE = Path(__file__).resolve().parent
+VENV_DIR = HERE / ".venvs"
+LOOPBACK = "127.0.0.1"
+PG = {
+    "host": LOOPBACK,
+    "port": int(os.environ.get("BENCH_PG_PORT", "5432")),
+    "user": os.environ.get("BENCH_PG_USER", "postgres"),
+}
+PIP_TIMEOUT = 900.0
+
+
+class ServiceMissing(Exception):
+    """A service or tool the comparison needs is not there."""
+
+
+# Virtualenvs ------------------------------------------------------------------------------------
+
+
+def venv_python(name: str | None) -> Path:
+    """The interpreter of a peer's virtualenv; the project's own for django_tasks (None)."""
+    return Path(sys.executable) if name is None else VENV_DIR / name / "bin" / "python"
+
+
+def venv_bin(name: str | None, script: str) -> str:
+    """A script of the virtualenv's bin/ (``python`` is the interpreter)."""
+    python = venv_python(name)
+    return str(python if script == "python" else python.parent / script)
+
+
+def ensure_venv(name: str, logs: Path) -> str | None:
+    """Build ``.venvs/<name>`` if missing or pinned differently; None, or why it failed."""
+    path = VENV_DIR / name
+    stamp = path / "bench-requirements.txt"
+    wanted = "\n".join(VENVS[name]) + "\n"
+    if stamp.exists() and stamp.read_text() == wanted and venv_python(name).exists():
+        return None
+    shutil.rmtree(path, ignore_errors=True)
+    log = logs / f"venv-{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    commands = [
+        [sys.executable, "-m", "venv", str(path)],
+        [
+            str(venv_python(name)),
+            *("-m", "pip", "install", "--disable-pip-version-check", "-q"),
+            *VENVS[name],
+        ],
+    ]
+    with open(log, "wb") as out:
+        for command in commands:
+            try:
+                done = subprocess.run(
+                    command, stdout=out, stderr=subprocess.STDOUT, timeout=PIP_TIMEOUT
+                )
+            except subprocess.TimeoutExpired:
+                return f"{' '.join(command[:4])} took over {PIP_TIMEOUT:.0f} s"
+            if done.returncode != 0:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+                return f"building the virtualenv failed: {' '.join(tail)} (see {log})"
+    stamp.write_text(wanted)
+    return None
+
+
+def ensure_venvs(names: list[str], logs: Path) -> dict[str, str | None]:
+    """Build the missing virtualenvs, a few at a time (pip mostly waits on the network)."""
+    VENV_DIR.mkdir(exist_ok=True)
+    missing = [n for n in names if not (VENV_DIR / n / "bench-requirements.txt").exists()]
+    if missing:
+        print(f"Building virtualenvs under {VENV_DIR}: {', '.join(missing)}", flush=True)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(names, pool.map(lambda n: ensure_venv(n, logs), names), strict=True))
+
+
+# Redis --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def client(port: int, db: int = 0) -> redis.Redis:
+    """One dedicated, already connected connection to our Redis server."""
+    conn = redis.Redis(host=LOOPBACK, port=port, db=db, single_connection_client=True)
+    conn.ping()
+    return conn
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, logs: Path) -> Iterator[int]:
+    """A Redis server of our own without persistence; yields its port, stops it at the end."""
+    if not shutil.which("redis-server"):
+        raise ServiceMissing("redis-server is not on PATH")
+    for _attempt in range(3):  # another process may take the port between probe and bind
+        port = free_port()
+        command = ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", ""]
+        command += ["--appendonly", "no", "--daemonize", "no", "--dir", str(workdir)]
+        # No per-command latency histograms: CONFIG RESETSTAT frees them, which would skew the
+        # memory-per-queued-task figure.
+        command += ["--latency-tracking", "no"]
+        process = processes.start(
+            command, cwd=workdir, env=dict(os.environ), log=logs / "redis.log"
+        )
+
+        def answers(port: int = port) -> bool:
+            try:
+                client(port).close()
+                return True
+            except redis.RedisError:
+                return False
+
+        exited_or_up = processes.wait_until(lambda p=process: p.poll() is not None or answers(), 10)
+        if exited_or_up and answers():
+            break
+        processes.stop(process)
+    else:
+        raise ServiceMissing(f"redis-server did not start; see {logs / 'redis.log'}")
+    try:
+        yield port
+    finally:
+        processes.stop(process)
+
+
+# PostgreSQL ---------------------------------------------------------------------------------------
+
+
+def pg_connect(dbname: str = "postgres") -> Any:
+    import psycopg
+
+    return psycopg.connect(dbname=dbname, autocommit=True, connect_timeout=5, **PG)
+
+
+def check_postgres() -> None:
+    try:
+        pg_connect().close()
+    except Exception as exc:
+        raise ServiceMissing(f"PostgreSQL on {PG['host']}:{PG['port']}: {exc}") from exc
+
+
+def pg_name(key: str) -> str:
+    return "bench_compare_" + re.sub(r"[^a-z0-9]+", "_", key.lower())
+
+
+def drop_database(name: str) -> None:
+    from psycopg import sql
+
+    with pg_connect() as conn:
+        # FORCE: a killed worker may still hold a connection; the database must go regardless.
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def create_database(name: str) -> None:
+    from psycopg import sql
+
+    drop_database(name)
+    with pg_connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def pg_version() -> str:
+    with pg_connect() as conn:
+        return str(conn.execute("SHOW server_version").fetchone()[0])
+
+
+# The physical reference ---------------------------------------------------------------------------
+
+
+def redis_benchmark(port: int, pipeline: int = 1, requests: int = 100_000) -> float | None:
+    """``redis-benchmark -t lpush -c 1 [-P pipeline]``: LPUSH/s from one client."""
+    if not shutil.which("redis-benchmark"):
+        return None
+    command = ["redis-benchmark", "-h", LOOPBACK, "-p", str(port), "-t", "lpush"]
+    command += ["-n", str(requests), "-c", "1", "-q"]
+    if pipeline > 1:
+        command += ["-P", str(pipeline)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300).stdout
+    found = re.findall(r"LPUSH: ([\d.]+) requests per second", out)
+    return float(found[-1]) if found else None
+
+
+def redis_py_lpush(port: int, count: int, batch: int = 0) -> float:
+    """LPUSH/s from one redis-py client: one call per push, or pipelines of ``batch``."""
+    conn = client(port)
+    try:
+        started = time.perf_counter()
+        if batch:
+            for first in range(0, count, batch):
+                pipe = conn.pipeline(transaction=False)
+                for _ in range(min(batch, count - first)):
+                    pipe.lpush("bench:reference", b"x")
+                pipe.execute()
+        else:
+            for _ in range(count):
+                conn.lpush("bench:reference", b"x")
+        elapsed = time.perf_counter() - started
+        conn.delete("bench:reference")
+        return count / elapsed
+    finally:
+        conn.close()
+
+
+def physical_reference(port: int) -> dict[str, Any]:
+    """The four reference rates, measured now on the same server."""
+    figures: dict[str, Any] = {
+        "redis_benchmark_lpush_c1": redis_benchmark(port),
+        "redis_benchmark_lpush_c1_p100": redis_benchmark(port, pipeline=100),
+        "redis_py_lpush_single": redis_py_lpush(port, 20_000),
+        "redis_py_lpush_pipelined": redis_py_lpush(port, 100_000, batch=1000),
+    }
+    conn = client(port)
+    conn.flushall()
+    conn.close()
+    figures["redis_py_round_trip_ms"] = 1000 / figures["redis_py_lpush_single"]
+    return figures
