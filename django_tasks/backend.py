@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -76,19 +77,49 @@ class TasksBackend(BaseTaskBackend):
         args: list[Any],
         kwargs: dict[str, Any],
         *,
+        on_commit: bool | None = None,
+        **options: Any,
+    ) -> Message:
+        """Build the message for one call of ``task`` and publish it. Returns the message.
+
+        ``options`` are apply_async()'s: countdown, eta, expires, queue, priority, task_id and
+        headers.
+        """
+        message = self.message(task, args, kwargs, **options)
+        self.publish([message], on_commit=on_commit)
+        return message
+
+    def send_many(
+        self,
+        task: DjangoTask,
+        calls: Sequence[tuple[list[Any], dict[str, Any]]],
+        *,
+        on_commit: bool | None = None,
+        **options: Any,
+    ) -> list[Message]:
+        """Publish one message per ``(args, kwargs)`` in ``calls``, in one round trip."""
+        messages = [self.message(task, args, kwargs, **options) for args, kwargs in calls]
+        self.publish(messages, on_commit=on_commit)
+        return messages
+
+    def message(
+        self,
+        task: DjangoTask,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
         countdown: float | timedelta | None = None,
         eta: datetime | None = None,
         expires: float | timedelta | datetime | None = None,
         queue: str | None = None,
         priority: int | None = None,
         task_id: str | None = None,
-        on_commit: bool | None = None,
         headers: dict[str, Any] | None = None,
     ) -> Message:
-        """Build the message for one call of ``task`` and publish it. Returns the message."""
+        """The message of one call of ``task``, its options validated and its route applied."""
         name = self.task_name(task)
         route = self.config.routes.get(name, {})
-        message = Message(
+        return Message(
             id=task_id or new_id(),
             task=name,
             args=args,
@@ -99,26 +130,25 @@ class TasksBackend(BaseTaskBackend):
             expires=_expires(expires),
             headers=dict(headers or {}),
         )
-        self.publish(message, on_commit=on_commit)
-        return message
 
-    def publish(self, message: Message, *, on_commit: bool | None = None) -> None:
-        """Send ``message`` now, or when the caller's transaction commits.
+    def publish(self, messages: Sequence[Message], *, on_commit: bool | None = None) -> None:
+        """Send ``messages`` (one round trip) now, or when the caller's transaction commits.
 
         The database broker writes inside the transaction of its own database, so a rollback
-        discards the message. Otherwise, inside ``atomic()`` (on any database) the message is
-        sent when that transaction commits, unless ``on_commit`` or PUBLISH_ON_COMMIT say not to.
+        discards the messages. Otherwise, inside ``atomic()`` (on any database) they are sent
+        when that transaction commits, unless ``on_commit`` or PUBLISH_ON_COMMIT say not to.
+        Every message is encoded and size-checked first: a bad one sends none.
         """
-        outgoing = self.broker.encode(message)
+        batch = [self.broker.encode(message) for message in messages]
         if self.broker.transactional and connections[self.config.database].in_atomic_block:
-            self.broker.send([outgoing])
+            self.broker.send(batch)
             return
         defer = self.config.publish_on_commit if on_commit is None else on_commit
         using = _open_transaction() if defer else None
         if using is not None:
-            transaction.on_commit(lambda: self.broker.send([outgoing]), using=using)
+            transaction.on_commit(lambda: self.broker.send(batch), using=using)
         else:
-            self.broker.send([outgoing])
+            self.broker.send(batch)
 
     def _queue(self, queue: str) -> str:
         if self.queues and queue not in self.queues:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -220,6 +220,37 @@ class Task(DjangoTask):
             headers=headers or None,
         )
         return AsyncResult(message.id, backend=self.backend, task_name=self.name)
+
+    def delay_many(self, calls: Iterable[tuple[Any, ...] | list[Any]]) -> list[AsyncResult]:
+        """Queue one call per argument tuple in ``calls``, in one round trip to the broker.
+
+        ``add.delay_many([(1, 2), (3, 4)])`` queues ``add(1, 2)`` and ``add(3, 4)``. All or none
+        are queued: a call whose arguments cannot be sent queues nothing.
+        """
+        return self.apply_many([(list(args), {}) for args in calls])
+
+    def apply_many(
+        self,
+        calls: Iterable[tuple[tuple[Any, ...] | list[Any], dict[str, Any]]],
+        *,
+        on_commit: bool | None = None,
+        **options: Any,
+    ) -> list[AsyncResult]:
+        """Queue one call per ``(args, kwargs)`` in ``calls`` with apply_async()'s options.
+
+        One round trip to the broker for the whole batch (``task_id`` is not accepted: each call
+        gets its own id).
+        """
+        from .result import AsyncResult
+
+        if "task_id" in options:
+            raise InvalidTask("apply_many() gives each call its own id: task_id is not accepted.")
+        unknown = set(options) - {"countdown", "eta", "expires", "queue", "priority", "headers"}
+        if unknown:
+            raise TypeError(f"apply_many() got unknown options: {', '.join(sorted(unknown))}")
+        batch = [(list(args), dict(kwargs)) for args, kwargs in calls]
+        messages = self.get_backend().send_many(self, batch, on_commit=on_commit, **options)
+        return [AsyncResult(m.id, backend=self.backend, task_name=self.name) for m in messages]
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         from .result import AsyncResult

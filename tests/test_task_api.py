@@ -176,3 +176,24 @@ def test_without_our_backend_in_tasks_the_database_broker_is_used() -> None:
     assert backend.config.broker_kind == "database"
     result = tasks.add.delay(1, 1)
     assert backend.broker.find(result.id, ["default"]) is not None
+
+
+def test_delay_many_queues_every_call_in_order() -> None:
+    results = tasks.add.delay_many([(1, 2), (3, 4), [5, 6]])
+    assert len({r.id for r in results}) == 3
+    messages = [queued(r.id) for r in results]
+    assert [m.args for m in messages] == [[1, 2], [3, 4], [5, 6]]
+    later = tasks.add.apply_many([((1,), {"y": 2})], queue="lopri", countdown=60)
+    message = queued(later[0].id)
+    assert (message.queue, message.kwargs) == ("lopri", {"y": 2})
+    assert message.eta is not None
+
+
+def test_delay_many_sends_all_or_none() -> None:
+    with pytest.raises(EncodeError):
+        tasks.add.delay_many([(1, 2), (object(), 1)])
+    assert get_backend().broker.queue_lengths(["default"]) == {"default": 0}
+    with pytest.raises(InvalidTask):
+        tasks.add.apply_many([((1, 2), {})], task_id="x")
+    with pytest.raises(TypeError):
+        tasks.add.apply_many([((1, 2), {})], retry_policy={})

@@ -192,3 +192,9 @@ def test_banner_and_heartbeat(e2e: E2E) -> None:
     worker.stop()
     record.refresh_from_db()
     assert record.stopped_at is not None and not record.is_alive()
+
+
+def test_delay_many(e2e: E2E) -> None:
+    e2e.start_worker("-c", "2")
+    results = tasks.add.delay_many([(i, 1) for i in range(50)])
+    assert [r.get(timeout=20) for r in results] == [i + 1 for i in range(50)]
