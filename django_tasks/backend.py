@@ -179,6 +179,11 @@ class TasksBackend(BaseTaskBackend):
             return self.to_django_result(row)
         message = self.broker.find(result_id, self.known_queues())
         if message is None:
+            # A worker stores the result before it acks the message: the task may have finished
+            # between the two reads.
+            row = ResultStore().get(result_id)
+            if row is not None:
+                return self.to_django_result(row)
             raise TaskResultDoesNotExist(result_id)
         task = resolve_task(message.task)
         return self._django_result(

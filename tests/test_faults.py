@@ -437,7 +437,8 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(e2e: E2E) -> N
     markers = Counter(Execution.objects.values_list("marker", flat=True))
     assert markers == Counter({f"{when}-{i}": 1 for when in ("before", "after", "later")
                                for i in range(3)})  # fmt: skip
-    assert broker.queue_lengths(["default"]) == {"default": 0}
+    # Results are stored before their deliveries are acked: wait for the acks.
+    deadline_wait(lambda: broker.queue_lengths(["default"]) == {"default": 0}, 20, "queue empty")
     assert worker.process.poll() is None, worker.log()
 
 
