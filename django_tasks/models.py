@@ -86,9 +86,9 @@ class QueuedMessageQuerySet(models.QuerySet["QueuedMessage"]):
 
     def delayed(self, queue: str, now: datetime) -> QueuedMessageQuerySet:
         """Unleased messages of ``queue`` that are not due yet, the next one due first."""
-        return self.filter(queue=queue, leased_until__isnull=True, available_at__gt=now).order_by(
-            "available_at"
-        )
+        return self.filter(
+            queue=queue, leased_until__isnull=True, delayed=True, available_at__gt=now
+        ).order_by("available_at")
 
     def expired_leases(self, now: datetime) -> QueuedMessageQuerySet:
         return self.filter(leased_until__lt=now)
@@ -104,6 +104,7 @@ class QueuedMessage(models.Model):
     queue = models.CharField(_("queue"), max_length=255)
     priority = models.SmallIntegerField(_("priority"), default=0)
     available_at = models.DateTimeField(_("available at"))
+    delayed = models.BooleanField(_("delayed"), default=False)
     body = models.TextField(_("body"))
     leased_until = models.DateTimeField(_("leased until"), null=True, blank=True)
     lease_token = models.CharField(_("lease token"), max_length=64, blank=True)
@@ -125,10 +126,12 @@ class QueuedMessage(models.Model):
                 condition=Q(leased_until__isnull=True),
             ),
             # When the next delayed message of a queue is due: one probe, however many wait.
+            # Only rows published with an eta are in it, so that PostgreSQL can never pick it
+            # for the claim (with stale statistics it did, and sorted the whole queue).
             models.Index(
                 fields=["queue", "available_at"],
                 name="dt_queue_delayed",
-                condition=Q(leased_until__isnull=True),
+                condition=Q(leased_until__isnull=True, delayed=True),
             ),
             models.Index(
                 fields=["leased_until"],

@@ -149,6 +149,7 @@ class DatabaseBroker(Broker):
             queue=message.queue,
             priority=message.priority,
             available_at=_available_at(message.eta, now),
+            delayed=_is_delayed(message.eta),
             body=body,
             created_at=now,
         )
@@ -328,6 +329,7 @@ class DatabaseBroker(Broker):
                 priority=message.priority,
                 body=body,
                 available_at=_available_at(eta, timezone.now()),
+                delayed=_is_delayed(eta),
                 leased_until=None,
                 lease_token="",
                 delivery_count=0,
@@ -540,6 +542,11 @@ def _available_at(eta: float | None, now: datetime) -> datetime:
         return now
     when = datetime.fromtimestamp(eta, tz=UTC)
     return when if settings.USE_TZ else timezone.make_naive(when)
+
+
+def _is_delayed(eta: float | None) -> bool:
+    """Whether a message waits for its eta (only such rows are in the delayed-index)."""
+    return eta is not None and eta > time.time()
 
 
 def _due_soon(eta: float | None, within: float) -> bool:
