@@ -13,6 +13,7 @@ import redis
 
 from django_tasks.exceptions import BrokerConnectionError
 from tests.conftest import E2E, tasks_setting
+from tests.faults import unavailable
 from tests.testapp import tasks
 from tests.workers import wait_for
 
@@ -59,7 +60,7 @@ class PrivateRedis:
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        unavailable("redis-server is not installed")
     server = PrivateRedis(tmp_path)
     server.start()
     yield server
