@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from tests.services import in_ci
+from tests.workers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -57,14 +58,7 @@ def free_port() -> int:
 
 def deadline_wait(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail, saying ``what``, on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(interval)
+    return wait_for(predicate, timeout, interval, what=what)
 
 
 # Redis ---------------------------------------------------------------------------------------

@@ -17,14 +17,24 @@ from django.db import connections
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    interval: float = 0.02,
+    what: str | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    The failure names ``what`` when given, else the predicate.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
+            if what is not None:
+                raise AssertionError(f"not within {timeout:.0f} s: {what}")
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
 
