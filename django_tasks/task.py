@@ -245,9 +245,6 @@ class Task(DjangoTask):
 
         if "task_id" in options:
             raise InvalidTask("apply_many() gives each call its own id: task_id is not accepted.")
-        unknown = set(options) - {"countdown", "eta", "expires", "queue", "priority", "headers"}
-        if unknown:
-            raise TypeError(f"apply_many() got unknown options: {', '.join(sorted(unknown))}")
         batch = [(list(args), dict(kwargs)) for args, kwargs in calls]
         messages = self.get_backend().send_many(self, batch, on_commit=on_commit, **options)
         return [AsyncResult(m.id, backend=self.backend, task_name=self.name) for m in messages]
