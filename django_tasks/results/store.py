@@ -18,6 +18,7 @@ from ..exceptions import TaskFailedError
 from ..messages import Message
 from ..models import TaskResult
 from ..states import UNREADY_STATES, TaskState
+from .bulk import upsert
 
 #: The reason AsyncResult.revoke() stores: a task not started yet is skipped, a running one
 #: carries on.
@@ -109,11 +110,7 @@ class ResultStore:
         row.save(using=self.using)
 
     def _upsert(self, results: Sequence[TaskResult], fields: list[str]) -> None:
-        if not results:
-            return
-        TaskResult.objects.using(self.using).bulk_create(
-            results, update_conflicts=True, unique_fields=["id"], update_fields=fields
-        )
+        upsert(self.using, results, fields)
 
     def revoke(
         self,

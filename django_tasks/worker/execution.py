@@ -272,7 +272,7 @@ class Executor:
 
     def _row(self, message: Message, state: str) -> TaskResult:
         workers = [*message.headers.get("worker_ids", []), self.worker_id]
-        return TaskResult(
+        return TaskResult.build(
             id=message.id,
             task_name=message.task,
             state=state,
