@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -55,7 +56,9 @@ class TasksBackend(BaseTaskBackend):
 
     @cached_property
     def broker(self) -> Broker:
-        return create_broker(self.config)
+        broker = create_broker(self.config)
+        _brokers.add(broker)
+        return broker
 
     def task_name(self, task: DjangoTask) -> str:
         return task.name if isinstance(task, Task) else task.module_path
@@ -350,6 +353,20 @@ def get_backend(alias: str = "default") -> TasksBackend:
         return _implicit_backends[alias]
 
 
+#: Every broker a backend made, so that a reset can close their connections.
+_brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
+
+
 def reset_implicit_backends() -> None:
     with _implicit_lock:
         _implicit_backends.clear()
+
+
+def close_brokers() -> None:
+    """Close the connections of every broker made so far (they reconnect if used again).
+
+    Called when TASKS changes (Django then forgets its backends): a broker's result
+    subscription or LISTEN connection must not outlive the backend that made it.
+    """
+    for broker in list(_brokers):
+        broker.close()

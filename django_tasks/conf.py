@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE": "default",  # The database alias of the database broker.
     "ROUTES": {},  # {"app.tasks.name": {"queue": "hipri", "priority": 10}}
     "LEASE_SECONDS": 30.0,  # How long a delivery stays leased without a heartbeat.
-    "PREFETCH": 4,  # Deliveries one consumer leases at a time.
+    "PREFETCH": None,  # Deliveries one consumer leases at a time; None: adapted to the tasks.
     "MAX_MESSAGE_SIZE": 1_000_000,  # Bytes, enforced at publish and at consume.
     "RESULT_EXPIRES": 86400,  # Seconds finished results are kept (0: forever).
     "IMPORTS": [],  # Modules imported at start besides each app's tasks module.
@@ -44,7 +44,7 @@ class BackendConfig:
     database: str
     routes: Mapping[str, Mapping[str, Any]]
     lease_seconds: float
-    prefetch: int
+    prefetch: int | None
     max_message_size: int
     result_expires: float
     imports: tuple[str, ...]
@@ -85,7 +85,7 @@ class BackendConfig:
             database=_string(prefix, "DATABASE", merged["DATABASE"]),
             routes=_routes(prefix, merged["ROUTES"]),
             lease_seconds=_positive(prefix, "LEASE_SECONDS", merged["LEASE_SECONDS"]),
-            prefetch=int(_positive(prefix, "PREFETCH", merged["PREFETCH"], integer=True)),
+            prefetch=_optional_count(prefix, "PREFETCH", merged["PREFETCH"]),
             max_message_size=int(
                 _positive(prefix, "MAX_MESSAGE_SIZE", merged["MAX_MESSAGE_SIZE"], integer=True)
             ),
@@ -185,6 +185,10 @@ def _mapping(prefix: str, key: str, value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigurationError(f"{prefix}[{key!r}] must be a dict.")
     return value
+
+
+def _optional_count(prefix: str, key: str, value: Any) -> int | None:
+    return None if value is None else int(_positive(prefix, key, value, integer=True))
 
 
 def _positive(prefix: str, key: str, value: Any, *, integer: bool = False) -> float:

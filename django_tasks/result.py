@@ -170,7 +170,7 @@ class AsyncResult:
             message=message,
         )
         self._row = None
-        backend.broker.remove(self.id, queues)
+        backend.broker.revoke(self.id, queues)
 
     def forget(self) -> None:
         """Delete the stored result."""

@@ -26,6 +26,7 @@ task_revoked = Signal()
 def reset_backends(*, setting: str, **kwargs: object) -> None:
     """Forget cached backends (and their brokers) when a test overrides TASKS."""
     if setting == "TASKS":
-        from .backend import reset_implicit_backends
+        from .backend import close_brokers, reset_implicit_backends
 
+        close_brokers()
         reset_implicit_backends()

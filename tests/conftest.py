@@ -10,9 +10,17 @@ import pytest
 import redis
 from django.conf import settings
 
+from django_tasks.backend import close_brokers
 from django_tasks.brokers import Broker, create_broker
 from django_tasks.conf import BackendConfig
 from tests.services import in_ci
+
+
+@pytest.fixture(autouse=True)
+def _close_brokers() -> Iterator[None]:
+    """Close the brokers' connections (result subscriptions included) after every test."""
+    yield
+    close_brokers()
 
 
 def redis_client() -> redis.Redis:
@@ -103,6 +111,15 @@ def make_broker(broker_kind: str, request: pytest.FixtureRequest) -> Iterator[Br
 @pytest.fixture
 def broker(make_broker: BrokerFactory) -> Broker:
     return make_broker()
+
+
+@pytest.fixture
+def backend(broker_kind: str, request: pytest.FixtureRequest, settings: Any) -> Any:
+    """The default backend, on each broker in turn (its connections closed afterwards)."""
+    from django_tasks.backend import get_backend
+
+    settings.TASKS = tasks_setting(broker_options(broker_kind, request))
+    return get_backend()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

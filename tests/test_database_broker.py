@@ -17,6 +17,8 @@ from django_tasks.brokers.database import DatabaseBroker
 from django_tasks.conf import BackendConfig
 from django_tasks.exceptions import BrokerConnectionError
 from django_tasks.messages import Message, new_id
+from django_tasks.models import TaskResult
+from django_tasks.states import TaskState
 
 HAS_POSTGRES = "postgres" in settings.DATABASES
 POSTGRES_MARKS = [
@@ -256,31 +258,39 @@ def test_postgres_query_counts(make: BrokerMaker) -> None:
     broker.consume(["default"], 1, timeout=0)  # Returns expired leases (none) once.
     broker.lease_check_interval = 3600
     publish = sql_of("postgres", lambda: broker.publish_many([message(), message()]))
-    assert [q.split()[0] for q in publish] == ["INSERT", "SELECT"]
-    assert "pg_notify" in publish[1]
+    assert len(publish) == 1
+    assert "INSERT" in publish[0] and "pg_notify" in publish[0]
 
     deliveries: list[Delivery] = []
     claim = sql_of("postgres", lambda: deliveries.extend(broker.consume(["default"], 10, 0)))
     assert len(deliveries) == 2
-    assert [q.split()[0] for q in claim] == ["BEGIN", "SELECT", "UPDATE", "COMMIT"]
-    assert claim[1].endswith("FOR UPDATE SKIP LOCKED")
+    assert [q.split()[0] for q in claim] == ["UPDATE"]
+    assert "FOR UPDATE SKIP LOCKED" in claim[0] and "RETURNING" in claim[0]
 
     assert len(sql_of("postgres", lambda: broker.extend(deliveries))) == 1
-    assert [q.split()[0] for q in sql_of("postgres", lambda: broker.ack(deliveries))] == ["DELETE"]
+    assert [q.split()[0] for q in sql_of("postgres", lambda: broker.ack(deliveries[:1]))] == [
+        "DELETE"
+    ]
+    # Acknowledging and announcing stored results: one statement too.
+    acked = sql_of("postgres", lambda: broker.ack(deliveries[1:], ["some-task-id"]))
+    assert len(acked) == 1 and "DELETE" in acked[0] and "pg_notify" in acked[0]
+    assert broker.queue_lengths(["default"]) == {"default": 0}
     assert len(sql_of("postgres", lambda: broker.queue_lengths(["default", "hipri"]))) == 1
 
 
 @pytest.mark.django_db(transaction=True)
-def test_sqlite_claim_is_one_update_and_one_read() -> None:
+def test_sqlite_claim_is_one_update() -> None:
     params = {"OPTIONS": {"DATABASE": "default"}}
     broker = DatabaseBroker(BackendConfig.from_params("default", params))
     broker.consume(["default"], 1, timeout=0)
     broker.lease_check_interval = 3600
-    broker.publish_many([message(), message()])
+    sent = [message(), message()]
+    broker.publish_many(sent)
     deliveries: list[Delivery] = []
     claim = sql_of("default", lambda: deliveries.extend(broker.consume(["default"], 10, 0)))
     assert len(deliveries) == 2
-    assert [q.split()[0] for q in claim] == ["UPDATE", "SELECT"]
+    assert [q.split()[0] for q in claim] == ["UPDATE"]
+    assert [d.message.id for d in deliveries if d.message] == [m.id for m in sent]
 
 
 # Lost connections -------------------------------------------------------------------------------
@@ -311,3 +321,73 @@ def test_a_lost_listen_connection_raises_then_reconnects(make: BrokerMaker) -> N
     broker.publish(sent)
     [delivery] = broker.consume(["default"], 1, timeout=1)
     assert delivery.message == sent
+
+
+@postgres_only
+def test_waiting_callers_share_one_listen_connection(make: BrokerMaker) -> None:
+    waiting, announcing = make(), make()
+    for _ in range(5):
+        task_id = new_id()
+        with waiting.result_waiter(task_id) as waiter:
+            announcing.notify_results([task_id])
+            started = time.monotonic()
+            waiter.wait(10)
+            assert time.monotonic() - started < 1
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s", ['LISTEN "dt_results"']
+        )
+        assert cursor.fetchone()[0] == 1
+
+
+class ResultsOnPostgres:
+    """Routes TaskResult rows to the "postgres" database."""
+
+    def db_for_read(self, model: type, **hints: Any) -> str | None:
+        return "postgres" if model is TaskResult else None
+
+    db_for_write = db_for_read
+
+
+@both
+def test_the_claim_says_which_tasks_were_revoked(
+    make: BrokerMaker, alias: str, settings: Any
+) -> None:
+    """With the results on the broker's database, the claim itself reads the REVOKED rows."""
+    if alias == "postgres":
+        # The test settings keep results on "default": the broker cannot tell, and the worker
+        # asks the result store.
+        elsewhere = make()
+        elsewhere.publish(message())
+        assert [d.revoked for d in elsewhere.consume(["default"], 1, 0)] == [None]
+        settings.DATABASE_ROUTERS = [ResultsOnPostgres()]
+    broker = make()
+    revoked, kept = message(), message()
+    broker.publish_many([revoked, kept])
+    TaskResult.objects.using(alias).create(
+        id=revoked.id, task_name=revoked.task, state=TaskState.REVOKED
+    )
+    flags = {d.message.id: d.revoked for d in broker.consume(["default"], 2, 0) if d.message}
+    assert flags == {revoked.id: True, kept.id: False}
+
+
+@postgres_only
+def test_consumers_vacuum_the_queue_table_as_they_go(make: BrokerMaker) -> None:
+    def last_vacuum() -> Any:
+        with connections["postgres"].cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_stat_clear_snapshot(), last_vacuum FROM pg_stat_user_tables "
+                "WHERE relname = 'django_tasks_queuedmessage'"
+            )
+            return cursor.fetchone()[1]
+
+    broker = make()
+    broker.vacuum_every = 10
+    before = last_vacuum()
+    for _ in range(2):
+        broker.publish_many([message() for _ in range(5)])
+        broker.ack(broker.consume(["default"], 5, 0))
+    deadline = time.monotonic() + 10
+    while last_vacuum() == before:
+        assert time.monotonic() < deadline, "the queue table was not vacuumed"
+        time.sleep(0.05)

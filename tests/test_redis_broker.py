@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.connection import AbstractConnection
 
 from django_tasks.brokers import Broker, Delivery, create_broker
 from django_tasks.brokers.redis import PURGE_CHUNK, RedisBroker
@@ -314,3 +315,136 @@ def test_scripts_are_loaded_again_after_a_script_flush(
     client.script_flush()
     broker.publish(message())
     assert len(broker.consume(["default"], 10, timeout=1)) == 2
+
+
+def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
+    make: Callable[..., RedisBroker], client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BLPOP and the claim go out together: woken, the consumer has its message at once."""
+    broker = make()
+    broker.consume(["default"], 1, timeout=0)  # Connects and loads the scripts.
+    sent_by: list[str] = []
+    original = AbstractConnection.send_packed_command
+
+    def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent_by.append(threading.current_thread().name)
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    consumer = Consumer(broker, ["default"])
+    consumer.start()
+    wait_for(lambda: blocked_consumers(client) == 1)
+    make().publish(message())
+    consumer.join(10)
+    assert len(consumer.deliveries) == 1
+    assert sent_by.count(consumer.name) == 2  # The first claim, then BLPOP + claim.
+
+
+def test_a_blocked_consumer_survives_a_script_flush(
+    make: Callable[..., RedisBroker], client: redis.Redis
+) -> None:
+    consumer = Consumer(make(), ["default"])
+    consumer.start()
+    wait_for(lambda: blocked_consumers(client) == 1)
+    client.script_flush()
+    sent = message()
+    make().publish(sent)
+    consumer.join(10)
+    assert [d.message.id for d in consumer.deliveries if d.message] == [sent.id]
+
+
+def test_revoked_ids_are_marked_on_their_later_deliveries(broker: RedisBroker) -> None:
+    leased, later, other = message(), message(), message()
+    broker.publish_many([leased, other])
+    deliveries = broker.consume(["default"], 2, timeout=1)
+    assert [d.revoked for d in deliveries] == [False, False]
+    # Leased: the message stays with its consumer; not published yet: nothing to remove.
+    assert not broker.revoke(leased.id, ["default"])
+    assert not broker.revoke(later.id, ["default"])
+    broker.release(deliveries)
+    broker.publish(later)
+    again = {
+        d.message.id: d.revoked for d in broker.consume(["default"], 3, timeout=1) if d.message
+    }
+    assert again == {leased.id: True, other.id: False, later.id: True}
+    # A waiting message is simply removed.
+    waiting = message()
+    broker.publish(waiting)
+    assert broker.revoke(waiting.id, ["default"])
+    assert broker.find(waiting.id, ["default"]) is None
+
+
+def test_ack_announces_the_results_in_the_same_call(make: Callable[..., RedisBroker]) -> None:
+    broker, worker = make(), make()
+    sent = message()
+    worker.publish(sent)
+    [delivery] = worker.consume(["default"], 1, timeout=1)
+    with broker.result_waiter(sent.id) as waiter:
+        worker.ack([delivery], [sent.id])
+        started = time.monotonic()
+        waiter.wait(10)
+        assert time.monotonic() - started < 1
+    assert worker.queue_lengths(["default"]) == {"default": 0}
+
+
+def subscribers(client: redis.Redis, broker: RedisBroker) -> int:
+    """The connections subscribed to this broker's results channel."""
+    [(_channel, count)] = client.pubsub_numsub(f"{broker.config.key_prefix}:results")
+    return int(count)
+
+
+def test_waiting_callers_share_one_subscription(
+    make: Callable[..., RedisBroker], client: redis.Redis
+) -> None:
+    broker, worker = make(KEY_PREFIX="shared"), make(KEY_PREFIX="shared")
+    for _ in range(5):
+        task_id = new_id()
+        with broker.result_waiter(task_id) as waiter:
+            worker.notify_results([task_id])
+            waiter.wait(10)
+    assert subscribers(client, broker) == 1
+    # Callers in several threads wait at once; each returns when its own id is announced.
+    ids = [new_id() for _ in range(4)]
+    returned: dict[str, float] = {}
+    waiters = [broker.result_waiter(task_id) for task_id in ids]
+
+    def wait(task_id: str, waiter: Any) -> None:
+        waiter.wait(20)
+        returned[task_id] = time.monotonic()
+
+    threads = [threading.Thread(target=wait, args=pair) for pair in zip(ids, waiters, strict=True)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # Let them all block: the wake-ups under test come later.
+    announced = {}
+    for task_id in reversed(ids):
+        announced[task_id] = time.monotonic()
+        worker.notify_results([task_id])
+        wait_for(lambda task_id=task_id: task_id in returned)
+    for thread in threads:
+        thread.join(5)
+    for waiter in waiters:
+        waiter.close()
+    assert all(returned[i] - announced[i] < 1 for i in ids)
+    assert subscribers(client, broker) == 1
+
+
+def test_a_lost_subscription_wakes_the_waiters_and_comes_back(
+    make: Callable[..., RedisBroker], client: redis.Redis
+) -> None:
+    broker, worker = make(KEY_PREFIX="lost"), make(KEY_PREFIX="lost")
+    task_id = new_id()
+    with broker.result_waiter(task_id) as waiter:
+        killer = threading.Timer(0.2, lambda: client.client_kill_filter(_type="pubsub"))
+        killer.start()
+        started = time.monotonic()
+        waiter.wait(10)  # Woken by the loss: announcements may have been missed meanwhile.
+        killer.join()
+        assert time.monotonic() - started < 2
+    later = new_id()
+    with broker.result_waiter(later) as waiter:
+        assert subscribers(client, broker) == 1
+        worker.notify_results([later])
+        started = time.monotonic()
+        waiter.wait(10)
+        assert time.monotonic() - started < 1

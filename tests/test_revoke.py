@@ -6,7 +6,6 @@ broker. What a worker does with a revoked task is tested with the workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,17 +19,8 @@ from django_tasks.messages import new_id
 from django_tasks.models import TaskResult
 from django_tasks.result import AsyncResult
 from django_tasks.results import ResultStore
-from tests.conftest import broker_options, tasks_setting
+from tests.conftest import tasks_setting
 from tests.testapp import tasks
-
-
-@pytest.fixture
-def backend(broker_kind: str, request: pytest.FixtureRequest, settings: Any) -> Iterator[Any]:
-    """The default backend, on each broker in turn."""
-    settings.TASKS = tasks_setting(broker_options(broker_kind, request))
-    backend = get_backend()
-    yield backend
-    backend.broker.close()
 
 
 def queued(backend: TasksBackend, task_id: str) -> bool:

@@ -30,7 +30,9 @@ class Delivery:
     """A message leased to this consumer.
 
     ``message`` is None when the body could not be decoded; ``error`` then says why, and the caller
-    dead-letters it. ``tag`` is the broker's own handle for the lease.
+    dead-letters it. ``tag`` is the broker's own handle for the lease. ``revoked`` says whether
+    the task was revoked (see Broker.revoke), or is None when the broker cannot tell: the caller
+    then asks the result store.
     """
 
     tag: str
@@ -39,6 +41,7 @@ class Delivery:
     message: Message | None
     error: str | None = None
     delivery_count: int = 1
+    revoked: bool | None = None
 
 
 class Broker(ABC):
@@ -82,8 +85,13 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Remove finished deliveries for good. One round trip for the batch."""
+    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
+        """Remove finished deliveries for good, then announce ``results`` (see notify_results).
+
+        The ids in ``results`` are those of results just stored for these deliveries; waiting
+        callers are told in the same round trip where the broker can. One round trip for the
+        batch.
+        """
 
     @abstractmethod
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
@@ -119,6 +127,15 @@ class Broker(ABC):
         A leased message is left alone. Returns whether one was removed. Atomic; one round trip
         per queue at most.
         """
+
+    def revoke(self, task_id: str, queues: Sequence[str]) -> bool:
+        """Delete the waiting message of ``task_id``, as ``remove()``, for a revoked task.
+
+        A broker that can also remember the id marks the deliveries of it that it hands out
+        later (``Delivery.revoked``): one leased now and redelivered, or one published after the
+        revoke. This one cannot: its deliveries say None. Returns whether a message was removed.
+        """
+        return self.remove(task_id, queues)
 
     def notify_results(self, task_ids: Sequence[str]) -> None:  # noqa: B027
         """Tell waiting callers that these results were stored. Default: nobody is told."""

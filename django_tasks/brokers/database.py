@@ -22,20 +22,35 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from functools import reduce
+from functools import cached_property, reduce
 from operator import or_
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connections, transaction
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, DecodeError
 from ..messages import Message, decode
-from ..models import QueuedMessage, QueuedMessageQuerySet
+from ..models import QueuedMessage, QueuedMessageQuerySet, TaskResult
 from .base import Broker, Delivery, Outgoing, PollingWaiter, ResultWaiter
+from .database_sql import (
+    ack_sql,
+    can_claim_in_one_statement,
+    claim_params,
+    claim_sql,
+    send_sql,
+)
+from .notifications import NotificationHub
 
 try:
     import psycopg
@@ -72,11 +87,17 @@ class DatabaseBroker(Broker):
     max_wait = 1.0
     #: The polling interval of an idle consumer where the database cannot notify.
     poll_interval = 0.05
+    #: PostgreSQL: VACUUM the queue table after acknowledging this many messages (0: never).
+    #: Every message is a row inserted then deleted; until vacuumed, the dead rows stay in the
+    #: index that each claim walks, and a busy queue slows down by the minute. Autovacuum may
+    #: lag far behind such a table (or be off): consumers clean up after themselves.
+    vacuum_every = 5000
 
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
         self.alias = config.database
         self._next_lease_check = 0.0
+        self._acked_since_vacuum = 0
         # One LISTEN connection per consuming thread: a waiting thread holds its connection.
         self._listeners: dict[int, Listener] = {}
         self._listeners_lock = threading.Lock()
@@ -129,12 +150,18 @@ class DatabaseBroker(Broker):
         if not batch:
             return
         now = timezone.now()
+        woken = (m.queue for m, _ in batch if _due_soon(m.eta, self.max_wait))
+        if self.can_notify:
+            # One statement inserts and notifies: one round trip (and one commit).
+            with self._errors("store messages"):
+                self._send_and_notify(batch, now, woken)
+            return
         rows = [self._row(message, body, now) for message, body in batch]
         with self._errors("store messages"):
             self.messages().bulk_create(rows)
         try:
             with self._errors("wake the consumers"):
-                self._notify_queues(m.queue for m, _ in batch if _due_soon(m.eta, self.max_wait))
+                self._notify_queues(woken)
         except BrokerConnectionError as exc:
             if self.connection.in_atomic_block:
                 raise  # The caller's transaction fails: nothing is stored.
@@ -142,6 +169,25 @@ class DatabaseBroker(Broker):
             # say so (a caller told otherwise would send it again). Idle consumers find it
             # within max_wait without the notification.
             logger.warning("Stored %d message(s) without waking the consumers: %s", len(rows), exc)
+
+    def _send_and_notify(
+        self, batch: Sequence[Outgoing], now: datetime, queues: Iterable[str]
+    ) -> None:
+        rows = [
+            {
+                "task_id": message.id,
+                "queue": message.queue,
+                "priority": message.priority,
+                "available_at": _available_at(message.eta, now).isoformat(),
+                "delayed": _is_delayed(message.eta),
+                "body": body,
+                "created_at": now.isoformat(),
+            }
+            for message, body in batch
+        ]
+        channels = sorted({queue_channel(q) for q in queues})
+        with self.connection.cursor() as cursor:
+            cursor.execute(send_sql(), [_compact.encode(rows), channels])
 
     def _row(self, message: Message, body: str, now: datetime) -> QueuedMessage:
         return QueuedMessage(
@@ -210,10 +256,39 @@ class DatabaseBroker(Broker):
             expired.update(leased_until=None, lease_token="")
 
     def _claim(self, queue: str, count: int) -> list[Delivery]:
-        claim = self._claim_skipping_locked if self.skip_locked else self._claim_serialised
         token = secrets.token_hex(16)
+        if can_claim_in_one_statement(self.connection):
+            rows = self._retry_locked(lambda: self._claim_returning(queue, count, token))
+            return [self._delivery(queue, token, *row) for row in rows]
+        claim = self._claim_skipping_locked if self.skip_locked else self._claim_serialised
         rows = self._retry_locked(lambda: claim(queue, count, token))
         return [self._delivery(queue, token, *row) for row in rows]
+
+    def _claim_returning(self, queue: str, count: int, token: str) -> list[tuple[Any, ...]]:
+        """Lease with one UPDATE ... RETURNING (see database_sql.py): one round trip.
+
+        When the results live on this database, the same statement says which tasks were
+        revoked, so the worker need not ask.
+        """
+        connection = self.connection
+        with_revoked = self.results_here
+        now = timezone.now()
+        until = now + timedelta(seconds=self.config.lease_seconds)
+        adapt = connection.ops.adapt_datetimefield_value
+        sql = claim_sql(connection.vendor, connection.ops.quote_name("x")[0], with_revoked)
+        params = claim_params(adapt(until), token, queue, adapt(now), count, with_revoked)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        # RETURNING keeps no order: sort as delivered (higher priority, then publish order).
+        rows.sort(key=lambda row: (-row[3], row[4], row[0]))
+        revoked = (lambda row: bool(row[5])) if with_revoked else (lambda row: None)
+        return [(row[0], row[1], row[2], revoked(row)) for row in rows]
+
+    @cached_property
+    def results_here(self) -> bool:
+        """Whether TaskResult rows are written to this broker's database."""
+        return bool(router.db_for_write(TaskResult) == self.alias)
 
     def _claim_skipping_locked(self, queue: str, count: int, token: str) -> list[tuple[Any, ...]]:
         """Lock ready rows no one else holds, then lease them: BEGIN, SELECT, UPDATE, COMMIT."""
@@ -259,7 +334,13 @@ class DatabaseBroker(Broker):
         return operation()
 
     def _delivery(
-        self, queue: str, token: str, pk: int, body: str, delivery_count: int
+        self,
+        queue: str,
+        token: str,
+        pk: int,
+        body: str,
+        delivery_count: int,
+        revoked: bool | None = None,
     ) -> Delivery:
         try:
             message, error = decode(body, self.config.max_message_size), None
@@ -272,6 +353,7 @@ class DatabaseBroker(Broker):
             message=message,
             error=error,
             delivery_count=delivery_count,
+            revoked=revoked,
         )
 
     # Waiting --------------------------------------------------------------------------------
@@ -310,14 +392,55 @@ class DatabaseBroker(Broker):
 
     # Ending leases --------------------------------------------------------------------------
 
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Delete the rows these leases still own, with one DELETE."""
-        if deliveries:
+    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
+        """Delete the rows these leases still own, with one DELETE; then notify ``results``.
+
+        On PostgreSQL both are one statement.
+        """
+        if deliveries and results and self.can_notify:
             with self._errors("acknowledge messages"):
-                # QuerySet.delete() would wrap this single statement in BEGIN ... COMMIT; the
-                # table has no relations and no signals to honour, so delete directly.
-                deleted = self._owned(deliveries)._raw_delete(self.alias)
+                deleted = self._ack_and_notify(deliveries, results)
             _warn_if_lost("ack", deliveries, deleted)
+        else:
+            if deliveries:
+                with self._errors("acknowledge messages"):
+                    # QuerySet.delete() would wrap this single statement in BEGIN ... COMMIT;
+                    # the table has no relations and no signals to honour: delete directly.
+                    deleted = self._owned(deliveries)._raw_delete(self.alias)
+                _warn_if_lost("ack", deliveries, deleted)
+            self.notify_results(results)
+        self._vacuum_if_due(len(deliveries))
+
+    def _vacuum_if_due(self, acked: int) -> None:
+        """VACUUM the queue table every ``vacuum_every`` acknowledged messages (PostgreSQL)."""
+        self._acked_since_vacuum += acked
+        if (
+            not self.vacuum_every
+            or self._acked_since_vacuum < self.vacuum_every
+            or self.connection.vendor != "postgresql"
+            or self.connection.in_atomic_block  # VACUUM cannot run in a transaction.
+        ):
+            return
+        self._acked_since_vacuum = 0
+        table = self.connection.ops.quote_name(QueuedMessage._meta.db_table)
+        try:
+            with self.connection.cursor() as cursor:
+                # SKIP_LOCKED: when another consumer vacuums it right now, do not wait.
+                cursor.execute(f"VACUUM (SKIP_LOCKED) {table}")
+        except DatabaseError as exc:
+            logger.warning("Could not vacuum the queue table %s: %s", table, exc)
+
+    def _ack_and_notify(self, deliveries: Sequence[Delivery], results: Sequence[str]) -> int:
+        pks, tokens = [], []
+        for delivery in deliveries:
+            pk, _, token = delivery.tag.partition(":")
+            pks.append(int(pk))
+            tokens.append(token)
+        payloads = list(_payloads(results))
+        channels = [RESULTS_CHANNEL] * len(payloads)
+        with self.connection.cursor() as cursor:
+            cursor.execute(ack_sql(), [pks, tokens, channels, payloads])
+            return int(cursor.fetchone()[0])
 
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
         """Turn the leased row into ``message``, ready at ``eta``, with one UPDATE."""
@@ -422,19 +545,23 @@ class DatabaseBroker(Broker):
         """A waiter woken by notify_results() on PostgreSQL; a polling one elsewhere."""
         if not self.can_listen:
             return PollingWaiter()
-        try:
-            return NotifiedWaiter(Listener(self.alias, self.config.connect_timeout), task_id)
-        except BrokerConnectionError as exc:
-            # The result store may still answer: waiting by polling is slower, not wrong.
-            logger.warning("Waiting for results by polling: %s", exc)
-            return PollingWaiter()
+        return self._notifications.waiter(task_id)
+
+    @cached_property
+    def _notifications(self) -> NotificationHub:
+        return NotificationHub(
+            self.config.safe_broker_url(),
+            lambda: ResultsSubscription(self.alias, self.config.connect_timeout),
+        )
 
     def close(self) -> None:
-        """Close the LISTEN connections; they reopen on the next consume()."""
+        """Close the LISTEN connections; they reopen on the next consume() or wait."""
         with self._listeners_lock:
             listeners, self._listeners = list(self._listeners.values()), {}
         for listener in listeners:
             listener.close()
+        if "_notifications" in self.__dict__:
+            self._notifications.close()
 
 
 class Listener:
@@ -485,38 +612,35 @@ class Listener:
         self.connection.close()
 
 
-class NotifiedWaiter(ResultWaiter):
-    """Waits for notify_results() to name one task id."""
+class ResultsSubscription:
+    """RESULTS_CHANNEL, listened to on a connection of its own (see notifications.py)."""
 
-    def __init__(self, listener: Listener, task_id: str) -> None:
-        listener.listen([RESULTS_CHANNEL])
-        self.listener = listener
-        self.task_id = task_id
-        self.fallback: PollingWaiter | None = None
-
-    def wait(self, timeout: float) -> None:
-        """Return when the task id is announced, or after ``timeout`` seconds."""
-        if self.fallback is not None:
-            return self.fallback.wait(timeout)
-        deadline = time.monotonic() + timeout
+    def __init__(self, alias: str, connect_timeout: float) -> None:
+        self.listener = Listener(alias, connect_timeout)
         try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                if any(self._names_task(p) for p in self.listener.wait(remaining)):
-                    return None
-        except BrokerConnectionError as exc:
-            # The caller re-reads the result store after every wait: keep it going by polling.
-            logger.warning("Waiting for results by polling: %s", exc)
-            self.fallback = PollingWaiter()
-        return None
+            self.listener.listen([RESULTS_CHANNEL])
+        except BrokerConnectionError:
+            self.listener.close()
+            raise
 
-    def _names_task(self, payload: str) -> bool:
-        try:
-            return self.task_id in json.loads(payload)
-        except (ValueError, TypeError):
-            return True  # A spurious wake-up is harmless; a missed one is not.
+    def read(self, timeout: float) -> list[list[str] | None]:
+        """The announcements that arrive within ``timeout``, and any already received."""
+        payloads = self.listener.wait(timeout)
+        if payloads:
+            payloads += self.listener.wait(0)
+        return [_announced(payload) for payload in payloads]
 
     def close(self) -> None:
         self.listener.close()
+
+
+def _announced(payload: str) -> list[str]:
+    """The task ids of one notification (none when it is not ours)."""
+    try:
+        ids = json.loads(payload)
+    except (ValueError, TypeError):
+        return []
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
 def queue_channel(queue: str) -> str:

@@ -24,17 +24,19 @@ from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.client import PubSub
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, BrokerError, DecodeError
 from ..messages import Message, decode, encode
-from .base import Broker, Delivery, Outgoing, PollingWaiter, ResultWaiter
+from .base import Broker, Delivery, Outgoing, ResultWaiter
+from .notifications import NotificationHub
 from .redis_keys import QueueKeys, queue_keys, results_channel
 
 logger = logging.getLogger("django_tasks.brokers.redis")
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 #: The longest a consumer blocks in BLPOP before looking at its queues again: expired leases of
 #: dead workers and due delayed messages are noticed at the latest after this long.
@@ -47,6 +49,9 @@ MOVE_LIMIT = 100
 PURGE_CHUNK = 5000
 #: The most messages one consume call leases (the scripts unpack() them: Lua caps that at 8000).
 CLAIM_LIMIT = 1000
+#: Seconds a revoked id is remembered, so that a delivery of it comes marked revoked (one leased
+#: at the revoke and redelivered, or one published after the revoke).
+REVOKED_KEEP = 86400
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,7 +102,7 @@ end
 
 _LUA_KEYS = """\
 -- KEYS[1] msgs  KEYS[2] ready  KEYS[3] delayed  KEYS[4] leases  KEYS[5] deliveries
--- KEYS[6] signal  KEYS[7] seq  (one queue; see redis_keys.py)
+-- KEYS[6] signal  KEYS[7] seq  KEYS[8] revoked  (one queue; see redis_keys.py)
 """
 
 ENQUEUE_LUA = (
@@ -157,7 +162,8 @@ CLAIM_LUA = (
     + _LUA_KEYS
     + """\
 -- ARGV[1] count  ARGV[2] lease duration in ms  ARGV[3] most due messages to move per source
--- Returns {now in ms, earliest delayed eta in ms or -1, then per message: id, body, deliveries}.
+-- Returns {now in ms, earliest delayed eta in ms or -1, then per message: id, body, deliveries,
+-- revoked (1 if the id was revoked, else 0)}.
 -- The earliest eta is only looked up when nothing was claimed: the caller then sleeps until it.
 --@helpers
 local count, lease_ms, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -189,17 +195,26 @@ if #popped > 0 then
   local ids = {}
   for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
   local bodies = redis.call('HMGET', KEYS[1], unpack(ids))
-  local leases = {}
+  local counts = redis.call('HMGET', KEYS[5], unpack(ids))
+  local revoked = redis.call('ZMSCORE', KEYS[8], unpack(ids))
+  local leases, deliveries = {}, {}
   for i, id in ipairs(ids) do
     if bodies[i] then
+      local count = (tonumber(counts[i]) or 0) + 1
       leases[#leases + 1] = now + lease_ms
       leases[#leases + 1] = id
+      deliveries[#deliveries + 1] = id
+      deliveries[#deliveries + 1] = count
       result[#result + 1] = id
       result[#result + 1] = bodies[i]
-      result[#result + 1] = redis.call('HINCRBY', KEYS[5], id, 1)
+      result[#result + 1] = count
+      result[#result + 1] = revoked[i] and 1 or 0
     end
   end
-  if #leases > 0 then redis.call('ZADD', KEYS[4], unpack(leases)) end
+  if #leases > 0 then
+    redis.call('ZADD', KEYS[4], unpack(leases))
+    redis.call('HSET', KEYS[5], unpack(deliveries))
+  end
 end
 -- Keep a token exactly while messages are ready: another idle consumer wakes for what is left
 -- (chain wake-up), and no stale token wakes anybody for nothing.
@@ -307,6 +322,51 @@ return 1
 """
 )
 
+REVOKE_LUA = (
+    """\
+-- revoke: delete one message waiting in ready or delayed, and remember its id as revoked.
+"""
+    + _LUA_KEYS
+    + """\
+-- ARGV[1] the task id  ARGV[2] how long revoked ids are remembered, in ms
+-- A leased message is kept, and so is one not here yet (published later, e.g. on commit): the
+-- claim script marks their deliveries revoked. Returns 1 if the message was deleted, else 0.
+--@helpers
+local id, keep = ARGV[1], tonumber(ARGV[2])
+local now = server_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - keep)
+if not redis.call('ZSCORE', KEYS[4], id)
+    and redis.call('ZREM', KEYS[2], id) + redis.call('ZREM', KEYS[3], id) > 0 then
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[5], id)
+  return 1
+end
+redis.call('ZADD', KEYS[8], now, id)
+return 0
+"""
+)
+
+ACK_LUA = (
+    """\
+-- ack: delete finished messages of one queue, then announce stored results.
+"""
+    + _LUA_KEYS
+    + """\
+-- ARGV[1] the results channel, or "" to announce nothing  ARGV[2] its payload (a JSON list)
+-- ARGV[3..] the ids of the messages
+--@helpers
+local ids = {}
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ids > 0 then
+  call_chunked('ZREM', KEYS[4], ids)
+  call_chunked('HDEL', KEYS[1], ids)
+  call_chunked('HDEL', KEYS[5], ids)
+end
+if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return #ids
+"""
+)
+
 WAKE_LUA = (
     """\
 -- wake: leave a wake-up token for a blocked consumer of one queue.
@@ -340,7 +400,9 @@ class _Scripts:
         self.extend = client.register_script(_lua(EXTEND_LUA))
         self.purge = client.register_script(_lua(PURGE_LUA))
         self.remove = client.register_script(_lua(REMOVE_LUA))
+        self.revoke = client.register_script(_lua(REVOKE_LUA))
         self.wake = client.register_script(_lua(WAKE_LUA))
+        self.ack = client.register_script(_lua(ACK_LUA))
 
 
 def _translate_errors(
@@ -428,6 +490,8 @@ class RedisBroker(Broker):
         """Close the connections. The broker connects again when it is next used."""
         with self._lock:
             connection, self._connection = self._connection, None
+        if "_notifications" in self.__dict__:
+            self._notifications.close()
         if connection is not None:
             connection[0].close()
 
@@ -503,13 +567,12 @@ class RedisBroker(Broker):
             return []
         count = min(count, CLAIM_LIMIT)
         deadline = time.monotonic() + max(0.0, timeout)
-        woken: str | None = None
-        while True:
-            deliveries, pause = self._claim(queues, count, woken)
-            remaining = deadline - time.monotonic()
-            if deliveries or remaining <= 0:
-                return deliveries
-            woken = self._block(queues, min(remaining, pause, self._block_cap))
+        deliveries, pause = self._claim(queues, count, None)
+        while not deliveries and (remaining := deadline - time.monotonic()) > 0:
+            deliveries, pause = self._block_then_claim(
+                queues, count, min(remaining, pause, self._block_cap)
+            )
+        return deliveries
 
     def _claim(
         self, queues: Sequence[str], count: int, woken: str | None
@@ -527,31 +590,65 @@ class RedisBroker(Broker):
             if len(deliveries) >= count:
                 break
             visited.add(queue)
-            reply = self._run(
-                self.scripts.claim, queue, [count - len(deliveries), self._lease_ms, MOVE_LIMIT]
-            )
-            now, next_due = int(reply[0]), int(reply[1])
-            for i in range(2, len(reply), 3):
-                deliveries.append(self._delivery(queue, reply[i], reply[i + 1], int(reply[i + 2])))
-            if next_due >= 0:
-                pause = min(pause, max(0.0, (next_due - now) / 1000))
+            reply = self._run(self.scripts.claim, queue, self._claim_args(count - len(deliveries)))
+            pause = min(pause, self._read_claim(queue, reply, deliveries))
         if woken is not None and woken not in visited:
             self._run(self.scripts.wake, woken, [])
         return deliveries, pause
 
-    def _block(self, queues: Sequence[str], seconds: float) -> str | None:
-        """Wait for a wake-up token of one of the queues; return that queue, or None.
+    def _claim_args(self, count: int) -> list[int]:
+        return [count, self._lease_ms, MOVE_LIMIT]
+
+    def _read_claim(self, queue: str, reply: list[Any], deliveries: list[Delivery]) -> float:
+        """Add the deliveries of a claim reply; return the seconds until its next due message."""
+        now, next_due = int(reply[0]), int(reply[1])
+        for i in range(2, len(reply), 4):
+            delivery = self._delivery(queue, reply[i], reply[i + 1], int(reply[i + 2]))
+            delivery.revoked = reply[i + 3] == 1
+            deliveries.append(delivery)
+        return math.inf if next_due < 0 else max(0.0, (next_due - now) / 1000)
+
+    def _block_then_claim(
+        self, queues: Sequence[str], count: int, seconds: float
+    ) -> tuple[list[Delivery], float]:
+        """Wait for a wake-up token, then claim: one round trip for both on the first queue.
+
+        BLPOP and the claim of the first queue go in one pipeline; Redis runs the claim as soon
+        as BLPOP returns (or times out), so a woken consumer has its messages without asking
+        again. The other queues, if any, are claimed after.
 
         BLPOP on keys of several hash slots works on a single Redis; on Redis Cluster the queues
         one worker consumes must share a hash tag (see redis_keys.py).
         """
         signals = {self.keys(queue).signal: queue for queue in queues}
+        first = queues[0]
+        keys = self.keys(first)
+        pipe = self.client.pipeline(transaction=False)
         # Whole milliseconds, and never 0, which would mean "block forever".
-        popped = self.client.blpop(list(signals), timeout=max(0.001, round(seconds, 3)))
-        if popped is None:
-            return None
-        key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
-        return signals.get(key)
+        pipe.blpop(list(signals), timeout=max(0.001, round(seconds, 3)))
+        pipe.execute_command(
+            "EVALSHA", self.scripts.claim.sha, len(keys), *keys, *self._claim_args(count)
+        )
+        popped, reply = pipe.execute(raise_on_error=False)
+        if isinstance(popped, Exception):
+            raise popped
+        woken = None
+        if popped is not None:
+            key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
+            woken = signals.get(key)
+        if isinstance(reply, NoScriptError):  # Redis was restarted or flushed its scripts.
+            return self._claim(queues, count, woken)
+        if isinstance(reply, Exception):
+            raise reply
+        deliveries: list[Delivery] = []
+        pause = self._read_claim(first, reply, deliveries)
+        if len(queues) > 1 and len(deliveries) < count:
+            more, later = self._claim(
+                queues[1:], count - len(deliveries), None if woken == first else woken
+            )
+            deliveries += more
+            pause = min(pause, later)
+        return deliveries, pause
 
     def _delivery(self, queue: str, tag: bytes, body: bytes, count: int) -> Delivery:
         """A Delivery; an undecodable body comes with its error, for the caller to dead-letter."""
@@ -574,17 +671,20 @@ class RedisBroker(Broker):
     # Ending and renewing leases.
 
     @_translate_errors("acknowledge messages")
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Delete the messages and their leases: one MULTI/EXEC round trip for the batch."""
-        if not deliveries:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        for queue, tags in _tags_by_queue(deliveries).items():
-            keys = self.keys(queue)
-            pipe.zrem(keys.leases, *tags)
-            pipe.hdel(keys.msgs, *tags)
-            pipe.hdel(keys.deliveries, *tags)
-        pipe.execute()
+    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
+        """Delete the messages and their leases, then publish ``results``.
+
+        One script per queue (the first one publishes), all in one round trip.
+        """
+        calls = {queue: ["", "", *tags] for queue, tags in _tags_by_queue(deliveries).items()}
+        if results:
+            channel = results_channel(self.config.key_prefix)
+            first = next(iter(calls.values()), None)
+            if first is None:
+                first = calls[self.config.default_queue] = ["", ""]
+            first[:2] = [channel, _compact.encode(list(results))]
+        if calls:
+            self._run_per_queue(self.scripts.ack, calls)
 
     @_translate_errors("requeue a message")
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
@@ -682,6 +782,18 @@ class RedisBroker(Broker):
             return False
         return any(int(removed) for removed in self._run_per_queue(self.scripts.remove, calls))
 
+    @_translate_errors("revoke a message")
+    def revoke(self, task_id: str, queues: Sequence[str]) -> bool:
+        """Delete the waiting message of ``task_id``, or mark its later deliveries revoked.
+
+        Revoked ids are remembered for REVOKED_KEEP seconds. One script per queue, all in one
+        round trip.
+        """
+        calls = {queue: [task_id, REVOKED_KEEP * 1000] for queue in dict.fromkeys(queues)}
+        if not calls:
+            return False
+        return any(int(removed) for removed in self._run_per_queue(self.scripts.revoke, calls))
+
     # Result notifications.
 
     @_translate_errors("announce results")
@@ -691,34 +803,31 @@ class RedisBroker(Broker):
             self.client.publish(results_channel(self.config.key_prefix), json.dumps(list(task_ids)))
 
     def result_waiter(self, task_id: str) -> ResultWaiter:
-        """A waiter subscribed to the result notifications, woken when ``task_id`` is listed."""
-        return RedisResultWaiter(self, task_id)
+        """A waiter woken when ``task_id`` is announced, through this process's subscription."""
+        return self._notifications.waiter(task_id)
+
+    @functools.cached_property
+    def _notifications(self) -> NotificationHub:
+        return NotificationHub(
+            self.config.safe_broker_url(),
+            lambda: RedisSubscription(self),
+        )
 
 
-class RedisResultWaiter(ResultWaiter):
-    """Waits for a PUBLISH naming one task id on the results channel.
+class RedisSubscription:
+    """The results channel, subscribed on a connection of its own (see notifications.py)."""
 
-    The subscription is confirmed by Redis before the constructor returns, so a notification
-    sent after the caller's next read of the result store is never missed. When Redis cannot be
-    reached, the waiter falls back to polling: results live in the database, and the caller
-    re-reads them after every wait.
-    """
-
-    def __init__(self, broker: RedisBroker, task_id: str) -> None:
-        self.task_id = task_id
-        self._broker = broker
-        self._pubsub: PubSub | None = None
-        self._fallback: PollingWaiter | None = None
+    def __init__(self, broker: RedisBroker) -> None:
+        self._pubsub = broker.client.pubsub()
         try:
-            self._pubsub = broker.client.pubsub()
             self._pubsub.subscribe(results_channel(broker.config.key_prefix))
             self._confirm(broker.config.connect_timeout)
-        except redis.RedisError as exc:
-            self._fall_back(exc)
+        except BaseException:
+            self._pubsub.close()
+            raise
 
     def _confirm(self, timeout: float) -> None:
         """Read the reply to SUBSCRIBE, proof that Redis registered the subscription."""
-        assert self._pubsub is not None
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
             reply = self._pubsub.get_message(timeout=remaining)
@@ -726,33 +835,25 @@ class RedisResultWaiter(ResultWaiter):
                 return
         raise redis.TimeoutError("Redis did not confirm the subscription")
 
-    def _fall_back(self, exc: BaseException) -> None:
-        logger.warning(
-            "Cannot subscribe to result notifications at %s (%s); polling the result store.",
-            self._broker.config.safe_broker_url(),
-            self._broker._scrub(exc),
-        )
-        self.close()
-        self._fallback = PollingWaiter()
+    def read(self, timeout: float) -> list[list[str] | None]:
+        """The announcements that arrive within ``timeout``, and any already buffered.
 
-    def wait(self, timeout: float) -> None:
-        """Return when a notification lists this task id, or after ``timeout`` seconds."""
-        if self._fallback is not None or self._pubsub is None:
-            return (self._fallback or PollingWaiter()).wait(timeout)
-        deadline = time.monotonic() + timeout
-        try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                reply = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=remaining)
-                if reply is not None and self.task_id in _notified_ids(reply["data"]):
-                    return
-        except redis.RedisError as exc:
-            self._fall_back(exc)
+        redis-py reconnects a dropped subscription by itself; the confirmation of the new
+        SUBSCRIBE reads as None: announcements may have been lost in between.
+        """
+        announced: list[list[str] | None] = []
+        reply = self._pubsub.get_message(timeout=timeout)
+        while reply is not None:
+            if reply["type"] == "message":
+                announced.append(_notified_ids(reply["data"]))
+            elif reply["type"] == "subscribe":
+                announced.append(None)
+            reply = self._pubsub.get_message(timeout=0)
+        return announced
 
     def close(self) -> None:
         """Drop the subscription: the connection is closed, which ends it on the server."""
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            pubsub.close()
+        self._pubsub.close()
 
 
 def _enqueue_args(

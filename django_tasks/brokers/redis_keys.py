@@ -10,6 +10,7 @@ braces, see conf.py), so each Lua script of the broker touches a single hash slo
     dt:{default}:deliveries  hash         task id -> delivery count
     dt:{default}:signal      list         at most one wake-up token for blocked consumers
     dt:{default}:seq         string       counter giving FIFO order within a priority
+    dt:{default}:revoked     sorted set   revoked task ids, score the revoke time in ms (kept a day)
     dt:results               pub/sub      channel of result notifications (JSON list of ids)
 """
 
@@ -28,6 +29,7 @@ class QueueKeys(NamedTuple):
     deliveries: str
     signal: str
     seq: str
+    revoked: str
 
 
 def queue_keys(prefix: str, queue: str) -> QueueKeys:

@@ -37,6 +37,41 @@ REVOKE_CHECK_INTERVAL = 1.0
 BACKOFF = (0.1, 5.0)
 
 
+class Prefetch:
+    """How many deliveries to lease at a time: fixed, or adapted to how long tasks take.
+
+    Adapted, a consumer leases about BATCH_SECONDS of work: one delivery at a time while tasks
+    are slow (a long task holds no others back from idle consumers), up to MAXIMUM while they
+    take a millisecond or less (the round trips to the broker and to the result store are then
+    shared by many tasks).
+    """
+
+    BATCH_SECONDS = 0.02
+    MAXIMUM = 100
+    INITIAL = 4
+
+    def __init__(self, fixed: int | None = None) -> None:
+        self.fixed = fixed
+        self._task_seconds: float | None = None
+
+    @property
+    def count(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self._task_seconds is None:
+            return self.INITIAL
+        wanted = self.BATCH_SECONDS / max(self._task_seconds, 1e-6)
+        return max(1, min(self.MAXIMUM, int(wanted)))
+
+    def observe(self, tasks: int, seconds: float) -> None:
+        """``tasks`` took ``seconds`` in all (run, stored and acked)."""
+        if tasks <= 0:
+            return
+        sample = seconds / tasks
+        previous = self._task_seconds
+        self._task_seconds = sample if previous is None else (previous + sample) / 2
+
+
 class Consumer:
     """The consume-run-store-ack loop of one pool member."""
 
@@ -58,7 +93,7 @@ class Consumer:
         self.backend = backend
         self.queues = list(queues)
         self.worker_id = worker_id
-        self.prefetch = prefetch or backend.config.prefetch
+        self.prefetch = Prefetch(prefetch or backend.config.prefetch)
         self.max_tasks = max_tasks
         self.max_memory_kib = max_memory_kib
         self.burst = burst
@@ -114,18 +149,32 @@ class Consumer:
                 if self.burst:
                     return
                 continue
+            started = time.monotonic()
             self._run_batch(deliveries)
+            self.prefetch.observe(len(deliveries), time.monotonic() - started)
 
     def _consume(self) -> list[Delivery]:
-        count = self.prefetch
+        count = self.prefetch.count
         if self.max_tasks is not None:
             count = max(1, min(count, self.max_tasks - self.processed))
         timeout = 0.2 if self.burst else CONSUME_TIMEOUT
         deliveries = self.broker.consume(self.queues, count, timeout)
         if deliveries:
             self._hold(deliveries)
-            self.check_revoked([d.message.id for d in deliveries if d.message])
+            self._note_revoked(deliveries)
         return deliveries
+
+    def _note_revoked(self, deliveries: Sequence[Delivery]) -> None:
+        """Skip the revoked deliveries: as the broker says, or as the result store says."""
+        unknown = []
+        for delivery in deliveries:
+            if delivery.message is None:
+                continue
+            if delivery.revoked is None:
+                unknown.append(delivery.message.id)
+            elif delivery.revoked:
+                self.executor.revoked.add(delivery.message.id)
+        self.check_revoked(unknown)
 
     def check_revoked(self, task_ids: Sequence[str]) -> set[str]:
         """Note which of ``task_ids`` were revoked; return those to terminate if running."""
@@ -155,8 +204,9 @@ class Consumer:
             self.monitor.held(held)
 
     def _unhold(self, deliveries: Sequence[Delivery]) -> None:
+        done = {id(d) for d in deliveries}
         with self._held_lock:
-            self._held = [d for d in self._held if d not in deliveries]
+            self._held = [d for d in self._held if id(d) not in done]
             held = list(self._held)
         if self.monitor is not None:
             self.monitor.held(held)
@@ -204,31 +254,36 @@ class Consumer:
             return
         rows = [o.row for o in pending if o.row is not None]
         self._until_done("store the results of", len(pending), lambda: self._store(pending, rows))
-        self._until_done("acknowledge", len(pending), lambda: self._settle(pending))
-        self._unhold([o.delivery for o in pending])
         finished = [r.id for r in rows if r.state in READY_STATES]
-        if finished:
-            try:
-                self.broker.notify_results(finished)
-            except BrokerError as exc:
-                # The results are stored: a waiting caller that lost the broker polls them.
-                logger.warning("Could not announce %d result(s): %s", len(finished), exc)
+        self._until_done("acknowledge", len(pending), lambda: self._settle(pending, finished))
+        self._unhold([o.delivery for o in pending])
 
     def _give_back_until_done(self, deliveries: list[Delivery]) -> None:
         self._until_done("give back", len(deliveries), lambda: self._give_back(deliveries))
 
     def _store(self, pending: list[Outcome], rows: list[TaskResult]) -> None:
-        """Results and dead letters in one transaction, so that a retry repeats neither."""
+        """Results and dead letters in one transaction, so that a retry repeats neither.
+
+        Results alone are one statement, atomic by itself: no BEGIN and COMMIT round trips.
+        """
+        dead = [o for o in pending if o.dead_letter]
+        if not dead:
+            self.executor.store.save_finished(rows)
+            return
         with transaction.atomic(using=self.executor.store.using):
             self.executor.store.save_finished(rows)
-            self._store_dead_letters([o for o in pending if o.dead_letter])
+            self._store_dead_letters(dead)
 
-    def _settle(self, pending: list[Outcome]) -> None:
-        """Requeue the retried deliveries and ack the others."""
+    def _settle(self, pending: list[Outcome], finished: Sequence[str] = ()) -> None:
+        """Requeue the retried deliveries, ack the others and announce the ``finished`` results.
+
+        The results are stored by now: when the broker cannot announce them, a waiting caller
+        finds them when it next reads the store.
+        """
         for outcome in pending:
             if outcome.retry is not None:
                 self.broker.requeue(outcome.delivery, *outcome.retry)
-        self.broker.ack([o.delivery for o in pending if o.retry is None])
+        self.broker.ack([o.delivery for o in pending if o.retry is None], finished)
 
     def _until_done(self, action: str, count: int, step: Callable[[], None]) -> None:
         """Run ``step`` until it gets through: an outage delays the work, never repeats it."""

@@ -1,0 +1,141 @@
+"""The database broker's hot statements, one round trip each, where the database allows it.
+
+The ORM would lease in a transaction of four round trips (BEGIN, SELECT ... FOR UPDATE SKIP
+LOCKED, UPDATE, COMMIT). PostgreSQL and SQLite (3.35 and later) can pick, lease and return the
+rows with one ``UPDATE ... RETURNING``, a transaction by itself. Other databases keep the ORM
+path in database.py.
+
+Only quoted table and column names of our own models go into the SQL text; every value is a
+parameter.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from ..models import QueuedMessage, TaskResult
+from ..states import TaskState
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+#: RETURNING columns of the claim: pk, body, delivery_count, priority, available_at[, revoked].
+CLAIM_COLUMNS = ("id", "body", "delivery_count", "priority", "available_at")
+
+
+def can_claim_in_one_statement(connection: BaseDatabaseWrapper) -> bool:
+    if connection.vendor == "postgresql":
+        return True
+    if connection.vendor == "sqlite":
+        version: tuple[int, ...] = getattr(connection, "Database").sqlite_version_info  # noqa: B009
+        return version >= (3, 35)
+    return False
+
+
+@lru_cache(maxsize=8)
+def claim_sql(vendor: str, quote: str, with_revoked: bool) -> str:
+    """``UPDATE ... RETURNING`` leasing up to a number of ready messages of one queue.
+
+    Parameters: leased_until, lease_token, queue, now, count[, the REVOKED state]. ``quote`` is
+    the database's identifier quote (part of the cache key). With ``with_revoked``, the last
+    returned column says whether the task's result row is REVOKED (results on this database).
+    """
+
+    def qn(name: str) -> str:
+        """The quoted column of QueuedMessage's field ``name``."""
+        return f"{quote}{_column(QueuedMessage, name)}{quote}"
+
+    table = f"{quote}{QueuedMessage._meta.db_table}{quote}"
+    returned = [f"{table}.{qn(column)}" for column in CLAIM_COLUMNS]
+    if with_revoked:
+        results = f"{quote}{TaskResult._meta.db_table}{quote}"
+        result_id = f"{quote}{_column(TaskResult, 'id')}{quote}"
+        state = f"{quote}{_column(TaskResult, 'state')}{quote}"
+        returned.append(
+            f"EXISTS (SELECT 1 FROM {results} WHERE {results}.{result_id} = "  # noqa: S608
+            f"{table}.{qn('task_id')} AND {results}.{state} = %s)"
+        )
+    # The subquery walks the partial index dt_queue_ready in delivery order.
+    ready = (
+        f"SELECT {qn('id')} FROM {table} WHERE {qn('queue')} = %s AND "  # noqa: S608
+        f"{qn('leased_until')} IS NULL AND {qn('available_at')} <= %s "
+        f"ORDER BY {qn('priority')} DESC, {qn('available_at')}, {qn('id')} LIMIT %s"
+    )
+    lease = (
+        f"UPDATE {table} SET {qn('leased_until')} = %s, {qn('lease_token')} = %s, "  # noqa: S608
+        f"{qn('delivery_count')} = {table}.{qn('delivery_count')} + 1"
+    )
+    if vendor == "postgresql":
+        # SKIP LOCKED: concurrent consumers take different rows and never wait for each other.
+        return (
+            f"{lease} FROM ({ready} FOR UPDATE SKIP LOCKED) AS picked "
+            f"WHERE {table}.{qn('id')} = picked.{qn('id')} RETURNING {', '.join(returned)}"
+        )
+    # SQLite runs one writing statement at a time: the subquery cannot pick a leased row.
+    return f"{lease} WHERE {qn('id')} IN ({ready}) RETURNING {', '.join(returned)}"
+
+
+def _column(model: type[QueuedMessage] | type[TaskResult], name: str) -> str:
+    return str(model._meta.get_field(name).column)  # type: ignore[union-attr]
+
+
+def claim_params(
+    leased_until: Any, token: str, queue: str, now: Any, count: int, with_revoked: bool
+) -> list[Any]:
+    params: list[Any] = [leased_until, token, queue, now, count]
+    return [*params, TaskState.REVOKED] if with_revoked else params
+
+
+#: The columns send_sql() inserts from its JSON document, with their PostgreSQL types.
+SEND_COLUMNS = (
+    ("task_id", "text"),
+    ("queue", "text"),
+    ("priority", "smallint"),
+    ("available_at", "timestamptz"),
+    ("delayed", "boolean"),
+    ("body", "text"),
+    ("created_at", "timestamptz"),
+)
+
+
+@lru_cache(maxsize=1)
+def send_sql() -> str:
+    """PostgreSQL: insert a batch of messages and NOTIFY channels, in one statement.
+
+    Parameters: the rows as one JSON array of objects (SEND_COLUMNS), then the channels to
+    notify (a text array). Notifications are transactional: they fire on commit.
+    """
+    table = _quote(QueuedMessage._meta.db_table)
+    names = [_quote(_column(QueuedMessage, name)) for name, _ in SEND_COLUMNS]
+    record = ", ".join(f"{n} {kind}" for n, (_, kind) in zip(names, SEND_COLUMNS, strict=True))
+    lease = [_quote(_column(QueuedMessage, f)) for f in ("leased_until", "lease_token")]
+    count = _quote(_column(QueuedMessage, "delivery_count"))
+    return (
+        f"WITH inserted AS (INSERT INTO {table} ({', '.join(names)}, {lease[0]}, {lease[1]}, "  # noqa: S608
+        f"{count}) SELECT {', '.join(names)}, NULL, '', 0 FROM jsonb_to_recordset(%s::jsonb) "
+        f"AS r({record}) RETURNING 1) "
+        "SELECT (SELECT count(*) FROM inserted), pg_notify(c, '') FROM unnest(%s::text[]) AS c"
+    )
+
+
+@lru_cache(maxsize=1)
+def ack_sql() -> str:
+    """PostgreSQL: delete leased messages and NOTIFY result announcements, in one statement.
+
+    Parameters: the primary keys and the lease tokens of the deliveries (two arrays of the same
+    length: a row is deleted only while its lease is still the delivery's), then the channels
+    and payloads to notify. Returns one row per notification, each with the deleted count.
+    """
+    table = _quote(QueuedMessage._meta.db_table)
+    pk, token = (_quote(_column(QueuedMessage, f)) for f in ("id", "lease_token"))
+    return (
+        f"WITH deleted AS (DELETE FROM {table} WHERE ({pk}, {token}) IN "  # noqa: S608
+        "(SELECT * FROM unnest(%s::bigint[], %s::text[])) RETURNING 1) "
+        "SELECT (SELECT count(*) FROM deleted), pg_notify(n.c, n.p) "
+        "FROM unnest(%s::text[], %s::text[]) AS n(c, p)"
+    )
+
+
+def _quote(name: str) -> str:
+    return f'"{name}"'

@@ -1,0 +1,204 @@
+"""Result notifications, received on one connection per process for every waiting caller.
+
+``AsyncResult.get()`` waits for a worker to announce that the result is stored. Opening a
+subscription for each call would cost a connection (and, on PostgreSQL, a server process) per
+call; instead each broker keeps one ``NotificationHub`` per process, whose subscription is made
+on first use and kept.
+
+No thread of ours reads it: a waiting caller does. One waiter at a time reads the subscription
+(the reader) and hands the ids it receives to the waiters they concern; the others sleep until
+the reader wakes them, and one of them reads next. A lone caller, the usual case, is woken by the
+kernel straight from its own socket.
+
+A caller registers before it first reads the result store, and the subscription is live by then,
+so no announcement made after that read is missed. While there is no subscription (the broker is
+unreachable), waiters poll the store instead: slower, never wrong; the subscription is tried again
+after RETRY_AFTER seconds. When a subscription is lost, every waiter is woken, since announcements
+may have been missed: a spurious wake-up only costs the caller one more read of the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from .base import PollingWaiter, ResultWaiter
+
+logger = logging.getLogger("django_tasks.brokers")
+
+#: Seconds before subscribing again after a failure; waiters poll meanwhile.
+RETRY_AFTER = 1.0
+
+
+class Subscription(Protocol):
+    """A live subscription to result announcements (made by the broker)."""
+
+    def read(self, timeout: float) -> Iterable[list[str] | None]:
+        """The announcements received within ``timeout`` seconds, each a list of task ids.
+
+        None in the list means that announcements may have been missed (the connection was
+        renewed by the client library, say). Raises an exception when the connection is lost.
+        """
+
+    def close(self) -> None:
+        """Close the connection."""
+
+
+class NotificationHub:
+    """One subscription per process, read by the waiting callers in turn."""
+
+    def __init__(self, name: str, subscribe: Callable[[], Subscription]) -> None:
+        #: What the log calls the subscription, e.g. the broker's URL without its password.
+        self.name = name
+        self.subscribe = subscribe
+        self._cond = threading.Condition()
+        self._subscription: Subscription | None = None
+        self._pid = os.getpid()
+        self._retry_at = 0.0
+        self._reading = False
+        self._waiters: dict[str, set[HubWaiter]] = {}
+
+    def waiter(self, task_id: str) -> ResultWaiter:
+        """A waiter for ``task_id``, registered (and the subscription live) when this returns."""
+        waiter = HubWaiter(self, task_id)
+        with self._cond:
+            self._forget_if_forked()
+            self._waiters.setdefault(task_id, set()).add(waiter)
+            if self._subscription is None and time.monotonic() >= self._retry_at:
+                self._connect()
+        return waiter
+
+    def close(self) -> None:
+        """Drop the subscription; the next waiter subscribes again."""
+        with self._cond:
+            subscription, self._subscription = self._subscription, None
+            self._wake_all()
+        if subscription is not None and not self._reading:
+            _close_quietly(subscription)
+
+    # Waiting (called by HubWaiter.wait).
+
+    def wait(self, waiter: HubWaiter, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not waiter.woken:
+                if self._subscription is None:
+                    break  # Nothing to read: the caller polls the store.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if not self._reading:
+                    self._read(remaining)
+                else:
+                    self._cond.wait(remaining)
+            waiter.woken = False
+
+    def _read(self, timeout: float) -> None:
+        """Read the subscription once as the reader (called and returns with the lock held)."""
+        subscription = self._subscription
+        assert subscription is not None
+        self._reading = True
+        self._cond.release()
+        try:
+            announced = list(subscription.read(timeout))
+            error = None
+        except Exception as exc:
+            announced, error = [], exc
+        finally:
+            self._cond.acquire()
+            self._reading = False
+        if error is not None:
+            logger.warning("Lost the result notifications at %s (%s); waiting callers poll the "
+                           "result store until it is back.", self.name, error)  # fmt: skip
+            if self._subscription is subscription:
+                self._subscription = None
+                self._retry_at = time.monotonic() + RETRY_AFTER
+            _close_quietly(subscription)
+            self._wake_all()
+            return
+        if self._subscription is not subscription:  # Closed meanwhile.
+            _close_quietly(subscription)
+        for task_ids in announced:
+            if task_ids is None:
+                self._wake_all()
+                continue
+            for task_id in task_ids:
+                for waiter in self._waiters.get(task_id, ()):
+                    waiter.woken = True
+        self._cond.notify_all()  # The woken ones return; one of the others reads next.
+
+    def discard(self, waiter: HubWaiter) -> None:
+        with self._cond:
+            waiters = self._waiters.get(waiter.task_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[waiter.task_id]
+
+    @property
+    def live(self) -> bool:
+        return self._subscription is not None
+
+    def resubscribe(self) -> bool:
+        """Subscribe again if it is time to try; return whether the subscription is live."""
+        with self._cond:
+            self._forget_if_forked()
+            if self._subscription is None and time.monotonic() >= self._retry_at:
+                self._connect()
+            return self._subscription is not None
+
+    # Connecting (with the lock held).
+
+    def _connect(self) -> None:
+        try:
+            self._subscription = self.subscribe()
+        except Exception as exc:
+            logger.warning("Cannot subscribe to result notifications at %s (%s); waiting "
+                           "callers poll the result store.", self.name, exc)  # fmt: skip
+            self._retry_at = time.monotonic() + RETRY_AFTER
+
+    def _forget_if_forked(self) -> None:
+        """A forked child must not read its parent's connection: it subscribes anew."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._subscription = None
+            self._reading = False
+            self._waiters = {}
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.woken = True
+        self._cond.notify_all()
+
+
+class HubWaiter(ResultWaiter):
+    """One caller waiting on the hub; polls while the hub has no subscription."""
+
+    def __init__(self, hub: NotificationHub, task_id: str) -> None:
+        self.hub = hub
+        self.task_id = task_id
+        #: Set (under the hub's lock) when task_id is announced or may have been.
+        self.woken = False
+        self._polling = PollingWaiter()
+
+    def wait(self, timeout: float) -> None:
+        """Return when ``task_id`` is announced (or may have been), or after ``timeout``."""
+        if self.hub.live:
+            self.hub.wait(self, timeout)
+        elif not self.hub.resubscribe():
+            self._polling.wait(timeout)
+        # Resubscribed: return at once, so that the caller reads the store after that.
+
+    def close(self) -> None:
+        self.hub.discard(self)
+
+
+def _close_quietly(subscription: Subscription) -> None:
+    with contextlib.suppress(Exception):  # It may be broken already.
+        subscription.close()
