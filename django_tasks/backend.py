@@ -163,7 +163,7 @@ class TasksBackend(BaseTaskBackend):
 
     @staticmethod
     def _priority(explicit: int | None, routed: int | None, default: int) -> int:
-        value = next(p for p in (explicit, routed, default) if p is not None)
+        value = explicit if explicit is not None else routed if routed is not None else default
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidTask(f"priority must be a whole number, not {value!r}.")
         if not TASK_MIN_PRIORITY <= value <= TASK_MAX_PRIORITY:
@@ -270,13 +270,18 @@ class TasksBackend(BaseTaskBackend):
 
 
 def _open_transaction() -> str | None:
-    """The alias of a database whose atomic block the caller is in (the default one first)."""
-    if connections[DEFAULT_DB_ALIAS].in_atomic_block:
-        return DEFAULT_DB_ALIAS
+    """The alias of a database whose atomic block the caller is in (the default one first).
+
+    Only connections opened in this thread can be in one; one look at them (this runs for
+    every task sent).
+    """
+    found = None
     for connection in connections.all(initialized_only=True):
         if connection.in_atomic_block:
-            return connection.alias
-    return None
+            if connection.alias == DEFAULT_DB_ALIAS:
+                return DEFAULT_DB_ALIAS
+            found = found or connection.alias
+    return found
 
 
 def resolve_task(name: str) -> DjangoTask:

@@ -7,8 +7,8 @@ worker dead-letters any version it does not know instead of guessing.
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,13 @@ _decoder = json.JSONDecoder()
 
 
 def new_id() -> str:
-    """A new task id."""
-    return str(uuid.uuid4())
+    """A new task id: a random (version 4) UUID, as ``str(uuid.uuid4())`` at a third of the cost."""
+    digits = os.urandom(16).hex()
+    variant = _VARIANT[digits[16]]  # The two top bits of the clock sequence are 10.
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
+
+
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -49,25 +54,39 @@ class Message:
     enqueued_at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The envelope; optional fields at their default are left out (decode() restores them).
+
+        A short body is quicker to encode and send, and a waiting message takes less memory.
+        """
+        data = {
             "v": PROTOCOL_VERSION,
             "id": self.id,
             "task": self.task,
             "args": self.args,
             "kwargs": self.kwargs,
             "queue": self.queue,
-            "priority": self.priority,
-            "eta": self.eta,
-            "expires": self.expires,
-            "retries": self.retries,
-            "root_id": self.root_id,
-            "parent_id": self.parent_id,
-            "group_id": self.group_id,
-            "callbacks": self.callbacks,
-            "errbacks": self.errbacks,
-            "headers": self.headers,
             "enqueued_at": self.enqueued_at,
         }
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            if value:  # Every optional field defaults to 0, None or an empty container.
+                data[name] = value
+        return data
+
+
+#: The fields to_dict() leaves out when they hold their default.
+_OPTIONAL = (
+    "priority",
+    "eta",
+    "expires",
+    "retries",
+    "root_id",
+    "parent_id",
+    "group_id",
+    "callbacks",
+    "errbacks",
+    "headers",
+)
 
 
 def encode(message: Message, max_size: int | None = None) -> str:

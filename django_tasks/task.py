@@ -199,12 +199,16 @@ class Task(DjangoTask):
         """
         from .result import AsyncResult
 
-        headers = dict(headers or {})
-        for option, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                    raise InvalidTask(f"{option} must be a positive number of seconds.")
-                headers[option] = float(value)
+        headers = dict(headers) if headers else {}
+        if time_limit is not None or soft_time_limit is not None:
+            for option, value in (
+                ("time_limit", time_limit),
+                ("soft_time_limit", soft_time_limit),
+            ):
+                if value is not None:
+                    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                        raise InvalidTask(f"{option} must be a positive number of seconds.")
+                    headers[option] = float(value)
 
         message = self.get_backend().send(
             self,

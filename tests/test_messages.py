@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
 from django_tasks.exceptions import DecodeError
-from django_tasks.messages import Message, decode, encode
+from django_tasks.messages import Message, decode, encode, new_id
 
 
 def test_round_trip() -> None:
@@ -56,3 +57,22 @@ def test_size_limit_at_decode() -> None:
 def test_pickle_is_never_involved() -> None:
     body = encode(Message(id="1", task="t"))
     assert json.loads(body)["v"] == 1
+
+
+def test_new_ids_are_distinct_version_4_uuids() -> None:
+    ids = [new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for task_id in ids[:1000]:
+        parsed = uuid.UUID(task_id)
+        assert (str(parsed), parsed.version, parsed.variant) == (task_id, 4, uuid.RFC_4122)
+
+
+def test_defaults_are_left_out_of_the_body_and_restored() -> None:
+    message = Message(id=new_id(), task="tests.testapp.tasks.add", args=[1, 2])
+    body = encode(message)
+    assert set(json.loads(body)) == {"v", "id", "task", "args", "kwargs", "queue", "enqueued_at"}
+    assert decode(body) == message
+    full = Message(id=new_id(), task="t", priority=-5, eta=1.5, expires=2.5, retries=2,
+                   root_id="r", parent_id="p", group_id="g", callbacks=[{"t": 1}],
+                   errbacks=[{"t": 2}], headers={"h": 1})  # fmt: skip
+    assert decode(encode(full)) == full

@@ -187,6 +187,7 @@ def test_revoke_on_redis_takes_two_round_trips(
     """find, then the remove script of every queue in one MULTI/EXEC (plus two queries)."""
     settings.TASKS = tasks_setting({"BROKER_URL": redis_url})
     result = tasks.add.delay(1, 2)
+    get_backend().broker.queue_lengths(["default"])  # Connects the pool (a handshake of its own).
     sent: list[Any] = []
     original = AbstractConnection.send_packed_command
 

@@ -12,11 +12,14 @@ one per queue it looks at, plus one blocking BLPOP when there is nothing to do).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -154,6 +157,18 @@ end
 return n
 """
 )
+
+PUSH_LUA = """\
+-- push: store one message, ready at once. The common case of enqueue (one delay()), kept to
+-- the fewest keys, arguments and commands: it runs for every task sent one by one.
+-- KEYS[1] msgs  KEYS[2] ready  KEYS[3] signal  KEYS[4] seq  (one queue; see redis_keys.py)
+-- ARGV[1] id  ARGV[2] body  ARGV[3] (100 - priority) * 2^44, the ready score less the sequence
+local seq = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3] + seq, ARGV[1])
+if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
+return 1
+"""
 
 CLAIM_LUA = (
     """\
@@ -381,6 +396,11 @@ return 1
 )
 
 
+#: The ready score of a message is (100 - priority) * PRIORITY_STEP + its sequence number.
+PRIORITY_STEP = 2**44
+_PUSH_SHA = hashlib.sha1(PUSH_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
 def _lua(source: str) -> str:
     return source.replace("--@helpers\n", _LUA_HELPERS, 1)
 
@@ -415,8 +435,11 @@ def _translate_errors(
     ) -> Callable[Concatenate[RedisBroker, P], R]:
         @functools.wraps(method)
         def wrapper(self: RedisBroker, *args: P.args, **kwargs: P.kwargs) -> R:
-            with self._errors(action):
+            # A plain try (no context manager): this wraps every delay().
+            try:
                 return method(self, *args, **kwargs)
+            except redis.RedisError as exc:
+                raise self._translated(exc, action) from exc
 
         return wrapper
 
@@ -439,6 +462,9 @@ class RedisBroker(Broker):
         # The client and its scripts, made together on first use (None after close()).
         self._connection: tuple[redis.Redis, _Scripts] | None = None
         self._keys: dict[str, QueueKeys] = {}
+        self._push_keys: dict[str, tuple[str, str, str, str]] = {}
+        self._local = threading.local()
+        self._own_connections: weakref.WeakSet[redis.Connection] = weakref.WeakSet()
         self._lease_ms = math.ceil(config.lease_seconds * 1000)
         # A BLPOP must end on the server before the client's socket timeout fires, even when
         # REDIS_OPTIONS sets a short one.
@@ -492,6 +518,11 @@ class RedisBroker(Broker):
             connection, self._connection = self._connection, None
         if "_notifications" in self.__dict__:
             self._notifications.close()
+        with self._lock:
+            own, self._own_connections = list(self._own_connections), weakref.WeakSet()
+            self._local = threading.local()
+        for each in own:
+            each.disconnect()
         if connection is not None:
             connection[0].close()
 
@@ -499,16 +530,20 @@ class RedisBroker(Broker):
     def _errors(self, action: str) -> Iterator[None]:
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerConnectionError(
+        except redis.RedisError as exc:
+            raise self._translated(exc, action) from exc
+
+    def _translated(self, exc: redis.RedisError, action: str) -> BrokerError:
+        """The BrokerError (or BrokerConnectionError) to raise for ``exc``."""
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            return BrokerConnectionError(
                 f"Could not {action}: the Redis broker at {self.config.safe_broker_url()} cannot "
                 f"be reached ({self._scrub(exc)})."
-            ) from exc
-        except redis.RedisError as exc:
-            raise BrokerError(
-                f"Could not {action} on the Redis broker at {self.config.safe_broker_url()}: "
-                f"{self._scrub(exc)}"
-            ) from exc
+            )
+        return BrokerError(
+            f"Could not {action} on the Redis broker at {self.config.safe_broker_url()}: "
+            f"{self._scrub(exc)}"
+        )
 
     def _scrub(self, exc: BaseException) -> str:
         """The text of exc, with the URL's password masked should redis-py ever include it."""
@@ -549,11 +584,70 @@ class RedisBroker(Broker):
     @_translate_errors("send messages")
     def send(self, batch: Sequence[Outgoing]) -> None:
         """Store the messages: one script per queue, in one round trip for the whole batch."""
+        if len(batch) == 1 and batch[0][0].eta is None:
+            self._push(*batch[0])
+            return
         calls: dict[str, list[Any]] = {}
         for message, body in batch:
             calls.setdefault(message.queue, [""]).extend(_enqueue_args(message, body, message.eta))
         if calls:
             self._run_per_queue(self.scripts.enqueue, calls)
+
+    def _push(self, message: Message, body: str) -> None:
+        """One message ready at once, with the short PUSH_LUA script."""
+        keys = self._push_keys.get(message.queue)
+        if keys is None:
+            queue = self.keys(message.queue)
+            keys = self._push_keys[message.queue] = (
+                queue.msgs,
+                queue.ready,
+                queue.signal,
+                queue.seq,
+            )
+        args = (message.id, body, (100 - message.priority) * PRIORITY_STEP)
+        try:
+            self._call("EVALSHA", _PUSH_SHA, 4, *keys, *args)
+        except NoScriptError:  # Not loaded yet (or flushed): EVAL loads it.
+            self._call("EVAL", PUSH_LUA, 4, *keys, *args)
+
+    def _call(self, *args: Any) -> Any:
+        """One command on a pooled connection: ``client.execute_command()`` without its hooks.
+
+        The push of one message is the hot path of every ``delay()``; redis-py's per-call
+        machinery (event hooks, the retry wrapper) costs about as much as the round trip
+        itself. The policy is the client's: a dropped connection is tried once more on a new
+        one, a timeout is not.
+        """
+        connection = self._own_connection()
+        for attempt in range(2):
+            try:
+                connection.send_command(*args)
+                return connection.read_response()
+            except redis.ResponseError:
+                raise  # An error reply: the connection is in step.
+            except redis.ConnectionError:
+                connection.disconnect()  # The next send connects again.
+                if attempt:
+                    raise
+            except BaseException:
+                connection.disconnect()  # A timeout, or interrupted mid-reply: start afresh.
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _own_connection(self) -> redis.Connection:
+        """This thread's own connection for _call(), made by the client's pool but not pooled.
+
+        Taking a pooled connection and giving it back costs more than the command (the pool
+        checks the connection for stray data with a poll() each time); a thread keeps its own.
+        """
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is None or local.pid != os.getpid():
+            connection = cast(redis.Connection, self.client.connection_pool.make_connection())
+            local.connection, local.pid = connection, os.getpid()
+            with self._lock:
+                self._own_connections.add(connection)
+        return cast(redis.Connection, connection)
 
     # Consuming.
 
