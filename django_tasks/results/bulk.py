@@ -128,3 +128,33 @@ def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return value.isoformat()
+
+
+def fetch(using: str, task_id: str) -> TaskResult | None:
+    """The row of ``task_id`` on ``using``, or None: ``filter(pk=...).first()``, compiled once.
+
+    AsyncResult.get() reads the row as soon as a worker announces it. Compiling the query (the
+    ORM does it on every call) costs more than running it; here the SQL and the converters of
+    each database are kept, and the row is made with Model.from_db(), as the ORM makes it.
+    """
+    select = _select_by_id(using)
+    with connections[using].cursor() as cursor:
+        cursor.execute(select.sql, [task_id])
+        rows = cursor.fetchall()
+    for values in select.compiler.results_iter(results=[rows[:1]]):
+        return TaskResult.from_db(using, select.names, list(values))
+    return None
+
+
+class _SelectById:
+    def __init__(self, using: str) -> None:
+        query = TaskResult.objects.using(using).filter(pk="").query
+        self.compiler = query.get_compiler(using)
+        sql, _params = self.compiler.as_sql()
+        self.sql = sql
+        self.names = [f.attname for f in TaskResult._meta.concrete_fields]
+
+
+@lru_cache(maxsize=16)
+def _select_by_id(using: str) -> _SelectById:
+    return _SelectById(using)

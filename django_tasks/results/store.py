@@ -18,7 +18,7 @@ from ..exceptions import TaskFailedError
 from ..messages import Message
 from ..models import TaskResult
 from ..states import UNREADY_STATES, TaskState
-from .bulk import upsert
+from .bulk import fetch, upsert
 
 #: The reason AsyncResult.revoke() stores: a task not started yet is skipped, a running one
 #: carries on.
@@ -63,7 +63,7 @@ class ResultStore:
         return router.db_for_write(TaskResult)
 
     def get(self, task_id: str) -> TaskResult | None:
-        return TaskResult.objects.using(router.db_for_read(TaskResult)).filter(pk=task_id).first()
+        return fetch(router.db_for_read(TaskResult), task_id)
 
     def save_started(self, results: Sequence[TaskResult]) -> None:
         """Insert or update rows as STARTED, keeping what earlier attempts recorded.
