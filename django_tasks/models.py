@@ -53,6 +53,9 @@ class TaskResult(models.Model):
 
     objects = TaskResultQuerySet.as_manager()
 
+    #: Set by the result store once the errors of earlier attempts are in ``errors``.
+    _earlier_errors = False
+
     class Meta:
         verbose_name = _("task result")
         verbose_name_plural = _("task results")

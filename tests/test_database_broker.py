@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import IntegrityError, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from django_tasks.brokers.base import Delivery
@@ -18,6 +19,8 @@ from django_tasks.conf import BackendConfig
 from django_tasks.exceptions import BrokerConnectionError
 from django_tasks.messages import Message, new_id
 from django_tasks.models import TaskResult
+from django_tasks.results.bulk import upsert_statement
+from django_tasks.results.store import FINISHED_FIELDS
 from django_tasks.states import TaskState
 
 HAS_POSTGRES = "postgres" in settings.DATABASES
@@ -391,3 +394,33 @@ def test_consumers_vacuum_the_queue_table_as_they_go(make: BrokerMaker) -> None:
     while last_vacuum() == before:
         assert time.monotonic() < deadline, "the queue table was not vacuumed"
         time.sleep(0.05)
+
+
+@postgres_only
+def test_ack_commits_the_results_with_the_acknowledgement(make: BrokerMaker, settings: Any) -> None:
+    settings.DATABASE_ROUTERS = [ResultsOnPostgres()]
+    broker = make()
+    assert broker.acks_with("postgres") and not broker.acks_with("default")
+    sent = message()
+    broker.publish(sent)
+    deliveries = broker.consume(["default"], 1, 0)
+    row = TaskResult.build(id=sent.id, task_name=sent.task, state=TaskState.SUCCESS, result=3)
+    statement = upsert_statement("postgres", [row], FINISHED_FIELDS)
+    assert statement is not None
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute("LISTEN dt_results")
+    queries = sql_of("postgres", lambda: broker.ack(deliveries, [sent.id], statement))
+    assert len(queries) == 1
+    assert TaskResult.objects.using("postgres").get(pk=sent.id).result == 3
+    [announced] = connections["postgres"].connection.notifies(timeout=5, stop_after=1)
+    assert json.loads(announced.payload) == [sent.id]
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+    # A statement that fails takes the ack with it: the message stays leased, nothing stored.
+    other = message()
+    broker.publish(other)
+    deliveries = broker.consume(["default"], 1, 0)
+    bad = (statement[0], [json.dumps([{"id": other.id, "task_name": None}])])
+    with pytest.raises(IntegrityError):
+        broker.ack(deliveries, [other.id], bad)
+    assert broker.queue_lengths(["default"]) == {"default": 1}
+    assert not TaskResult.objects.using("postgres").filter(pk=other.id).exists()

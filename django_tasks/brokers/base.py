@@ -17,6 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..conf import BackendConfig
 from ..messages import Message, encode
@@ -85,13 +86,23 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
+    def ack(
+        self,
+        deliveries: Sequence[Delivery],
+        results: Sequence[str] = (),
+        statement: tuple[str, list[Any]] | None = None,
+    ) -> None:
         """Remove finished deliveries for good, then announce ``results`` (see notify_results).
 
         The ids in ``results`` are those of results just stored for these deliveries; waiting
         callers are told in the same round trip where the broker can. One round trip for the
-        batch.
+        batch. ``statement`` (SQL and parameters), only where ``acks_with()`` allows it, runs
+        in the same transaction, before the messages are removed.
         """
+
+    def acks_with(self, using: str) -> bool:
+        """Whether ack() can run a statement on the database ``using`` in its transaction."""
+        return False
 
     @abstractmethod
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:

@@ -392,15 +392,26 @@ class DatabaseBroker(Broker):
 
     # Ending leases --------------------------------------------------------------------------
 
-    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
+    def acks_with(self, using: str) -> bool:
+        """On PostgreSQL, ack() can run a statement on this broker's database with the ack."""
+        return self.can_notify and using == self.alias
+
+    def ack(
+        self,
+        deliveries: Sequence[Delivery],
+        results: Sequence[str] = (),
+        statement: tuple[str, list[Any]] | None = None,
+    ) -> None:
         """Delete the rows these leases still own, with one DELETE; then notify ``results``.
 
-        On PostgreSQL both are one statement.
+        On PostgreSQL all of it, ``statement`` first, is one statement: one commit.
         """
-        if deliveries and results and self.can_notify:
+        if deliveries and (results or statement) and self.can_notify:
             with self._errors("acknowledge messages"):
-                deleted = self._ack_and_notify(deliveries, results)
+                deleted = self._ack_and_notify(deliveries, results, statement)
             _warn_if_lost("ack", deliveries, deleted)
+        elif statement is not None:
+            raise NotImplementedError("ack(statement=...) needs acks_with() to be true")
         else:
             if deliveries:
                 with self._errors("acknowledge messages"):
@@ -430,7 +441,12 @@ class DatabaseBroker(Broker):
         except DatabaseError as exc:
             logger.warning("Could not vacuum the queue table %s: %s", table, exc)
 
-    def _ack_and_notify(self, deliveries: Sequence[Delivery], results: Sequence[str]) -> int:
+    def _ack_and_notify(
+        self,
+        deliveries: Sequence[Delivery],
+        results: Sequence[str],
+        statement: tuple[str, list[Any]] | None,
+    ) -> int:
         pks, tokens = [], []
         for delivery in deliveries:
             pk, _, token = delivery.tag.partition(":")
@@ -438,8 +454,9 @@ class DatabaseBroker(Broker):
             tokens.append(token)
         payloads = list(_payloads(results))
         channels = [RESULTS_CHANNEL] * len(payloads)
+        before, params = statement if statement is not None else ("", [])
         with self.connection.cursor() as cursor:
-            cursor.execute(ack_sql(), [pks, tokens, channels, payloads])
+            cursor.execute(ack_sql(before), [*params, pks, tokens, channels, payloads])
             return int(cursor.fetchone()[0])
 
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:

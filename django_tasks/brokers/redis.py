@@ -765,11 +765,19 @@ class RedisBroker(Broker):
     # Ending and renewing leases.
 
     @_translate_errors("acknowledge messages")
-    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
+    def ack(
+        self,
+        deliveries: Sequence[Delivery],
+        results: Sequence[str] = (),
+        statement: tuple[str, list[Any]] | None = None,
+    ) -> None:
         """Delete the messages and their leases, then publish ``results``.
 
-        One script per queue (the first one publishes), all in one round trip.
+        One script per queue (the first one publishes), all in one round trip. No
+        ``statement``: acks_with() is false.
         """
+        if statement is not None:
+            raise NotImplementedError("The Redis broker cannot run SQL with its ack.")
         calls = {queue: ["", "", *tags] for queue, tags in _tags_by_queue(deliveries).items()}
         if results:
             channel = results_channel(self.config.key_prefix)

@@ -18,7 +18,7 @@ from ..exceptions import TaskFailedError
 from ..messages import Message
 from ..models import TaskResult
 from ..states import UNREADY_STATES, TaskState
-from .bulk import fetch, upsert
+from .bulk import fetch, upsert, upsert_statement
 
 #: The reason AsyncResult.revoke() stores: a task not started yet is skipped, a running one
 #: carries on.
@@ -82,16 +82,31 @@ class ResultStore:
         A row of a later attempt keeps the errors of the earlier ones: Django's
         TaskResult.errors lists every failed attempt.
         """
-        later = {r.id: r for r in results if len(r.worker_ids) > 1}
-        if later:
-            previous = dict(
-                TaskResult.objects.using(self.using)
-                .filter(pk__in=list(later))
-                .values_list("pk", "errors")
-            )
-            for task_id, result in later.items():
-                result.errors = [*(previous.get(task_id) or []), *result.errors]
+        self._add_earlier_errors(results)
         self._upsert(results, FINISHED_FIELDS)
+
+    def finished_statement(self, results: Sequence[TaskResult]) -> tuple[str, list[str]] | None:
+        """What save_finished() would run, as one SQL statement and its parameters, or None.
+
+        For a database broker on the same database, which runs it with its ack (see
+        Broker.ack).
+        """
+        self._add_earlier_errors(results)
+        return upsert_statement(self.using, results, FINISHED_FIELDS)
+
+    def _add_earlier_errors(self, results: Sequence[TaskResult]) -> None:
+        """Put the errors of earlier attempts before those of this one (one query, if any)."""
+        later = {r.id: r for r in results if len(r.worker_ids) > 1 and not r._earlier_errors}
+        if not later:
+            return
+        previous = dict(
+            TaskResult.objects.using(self.using)
+            .filter(pk__in=list(later))
+            .values_list("pk", "errors")
+        )
+        for task_id, result in later.items():
+            result.errors = [*(previous.get(task_id) or []), *result.errors]
+            result._earlier_errors = True  # A retried write must not add them twice.
 
     def fail(
         self, task_id: str, exc: BaseException, *, task_name: str = "", queue: str = ""

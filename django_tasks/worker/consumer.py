@@ -253,10 +253,30 @@ class Consumer:
         if not pending:
             return
         rows = [o.row for o in pending if o.row is not None]
-        self._until_done("store the results of", len(pending), lambda: self._store(pending, rows))
         finished = [r.id for r in rows if r.state in READY_STATES]
-        self._until_done("acknowledge", len(pending), lambda: self._settle(pending, finished))
+        if self._acks_with_results(pending, rows):
+            # The database broker on the results' database: results and acks, one commit.
+            self._until_done("store and acknowledge", len(pending),
+                             lambda: self._store_and_ack(pending, rows, finished))  # fmt: skip
+        else:
+            self._until_done("store the results of", len(pending),
+                             lambda: self._store(pending, rows))  # fmt: skip
+            self._until_done("acknowledge", len(pending), lambda: self._settle(pending, finished))
         self._unhold([o.delivery for o in pending])
+
+    def _acks_with_results(self, pending: list[Outcome], rows: list[TaskResult]) -> bool:
+        """Whether this batch's results can be written by the broker's ack statement."""
+        simple = all(o.retry is None and o.dead_letter is None for o in pending)
+        return bool(rows) and simple and self.broker.acks_with(self.executor.store.using)
+
+    def _store_and_ack(
+        self, pending: list[Outcome], rows: list[TaskResult], finished: list[str]
+    ) -> None:
+        statement = self.executor.store.finished_statement(rows)
+        deliveries = [o.delivery for o in pending]
+        if statement is None:  # A database without one: two steps after all.
+            self.executor.store.save_finished(rows)
+        self.broker.ack(deliveries, finished, statement)
 
     def _give_back_until_done(self, deliveries: list[Delivery]) -> None:
         self._until_done("give back", len(deliveries), lambda: self._give_back(deliveries))
