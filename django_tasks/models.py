@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -80,8 +82,7 @@ class TaskResult(models.Model):
         The worker makes one per task; Django's positional constructor skips the per-keyword
         lookups of the keyword one. Columns not given get their defaults.
         """
-        fields = cls._meta.concrete_fields
-        row = [values[f.attname] if f.attname in values else f.get_default() for f in fields]
+        row = [values[name] if name in values else default() for name, default in _defaults()]
         return cls(*row)  # type: ignore[misc]  # (django-stubs checks the first column only)
 
     @property
@@ -89,6 +90,12 @@ class TaskResult(models.Model):
         if self.started_at and self.date_done:
             return self.date_done - self.started_at
         return None
+
+
+@functools.cache
+def _defaults() -> list[tuple[str, Callable[[], Any]]]:
+    """Each TaskResult column's attribute name and a callable giving its default."""
+    return [(f.attname, f.get_default) for f in TaskResult._meta.concrete_fields]
 
 
 class QueuedMessageQuerySet(models.QuerySet["QueuedMessage"]):

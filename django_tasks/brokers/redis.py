@@ -561,8 +561,12 @@ class RedisBroker(Broker):
     # Running scripts.
 
     def _run(self, script: Script, queue: str, args: Sequence[Any]) -> Any:
-        """Run ``script`` on the keys of ``queue``: one round trip."""
-        return script(keys=self.keys(queue), args=args, client=self.client)
+        """Run ``script`` on the keys of ``queue``: one round trip (see _call())."""
+        keys = self.keys(queue)
+        try:
+            return self._call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # Not loaded yet (or flushed): EVAL loads it.
+            return self._call("EVAL", _source(script), len(keys), *keys, *args)
 
     def _run_per_queue(self, script: Script, calls: dict[str, list[Any]]) -> list[Any]:
         """Run ``script`` once per queue in one round trip, as one MULTI/EXEC transaction.
@@ -611,12 +615,12 @@ class RedisBroker(Broker):
             self._call("EVAL", PUSH_LUA, 4, *keys, *args)
 
     def _call(self, *args: Any) -> Any:
-        """One command on a pooled connection: ``client.execute_command()`` without its hooks.
+        """One command on this thread's connection: ``client.execute_command()`` without hooks.
 
-        The push of one message is the hot path of every ``delay()``; redis-py's per-call
-        machinery (event hooks, the retry wrapper) costs about as much as the round trip
-        itself. The policy is the client's: a dropped connection is tried once more on a new
-        one, a timeout is not.
+        The push of one message is the hot path of every ``delay()``, a claim and an ack that
+        of every batch a worker runs; redis-py's per-call machinery (event hooks, the retry
+        wrapper, the pool) costs about as much as the round trip itself. The policy is the
+        client's: a dropped connection is tried once more on a new one, a timeout is not.
         """
         connection = self._own_connection()
         for attempt in range(2):
