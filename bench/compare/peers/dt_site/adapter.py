@@ -1,15 +1,15 @@
 """django_tasks, for bench/compare/peers/client.py.
 
 Worker: ``manage.py runworker -c 2 --pool process`` (or ``--pool thread``). The round trip is
-``noop.delay().get(timeout=...)``. The bulk API is used if the task has ``delay_many`` (it takes
-one argument tuple per task); django_tasks has none yet, so the report says n/a.
+``noop.delay().get(timeout=...)``; the bulk API is ``Task.delay_many()`` (one argument tuple per
+task, one round trip per call).
 """
 
 from __future__ import annotations
 
 from djangobase import flush, migrate, setup
 
-DISTRIBUTIONS = ["django-tasks-runtime", "Django", "redis", "psycopg"]
+DISTRIBUTIONS = ["django-tasks-runtime", "Django", "redis", "hiredis", "psycopg"]
 BULK_API = "Task.delay_many()"
 purge = flush
 __all__ = ["migrate", "purge"]
@@ -25,23 +25,10 @@ def enqueue_one() -> None:
     count.delay()
 
 
-def _enqueue_bulk(n: int) -> None:
+def enqueue_bulk(n: int) -> None:
     from dt_site.tasks import count
 
     count.delay_many([() for _ in range(n)])
-
-
-def _has_bulk() -> bool:
-    from django_tasks.task import Task
-
-    return hasattr(Task, "delay_many")
-
-
-def __getattr__(name: str) -> object:
-    # Resolved on first use: the bulk API appears only when django_tasks gains one.
-    if name == "enqueue_bulk":
-        return _enqueue_bulk if _has_bulk() else None
-    raise AttributeError(name)
 
 
 def round_trip(timeout: float) -> None:
