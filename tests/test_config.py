@@ -81,3 +81,20 @@ def test_check_reports_unknown_database_and_route_queue() -> None:
 @check_db
 def test_check_passes_on_the_test_settings() -> None:
     call_command("check")
+
+
+def test_each_thread_gets_the_backend_of_the_current_settings() -> None:
+    import threading
+
+    first = get_backend()
+    assert get_backend() is first  # Remembered...
+    seen: list[object] = []
+    thread = threading.Thread(target=lambda: seen.append(get_backend()))
+    thread.start()
+    thread.join()
+    assert seen[0] is not None
+    with override_settings(TASKS={"default": {"BACKEND": "django_tasks.backend.TasksBackend",
+                                              "OPTIONS": {"PREFETCH": 7}}}):  # fmt: skip
+        changed = get_backend()
+        assert changed is not first and changed.config.prefetch == 7  # ...until TASKS changes.
+    assert get_backend().config.prefetch != 7

@@ -25,8 +25,9 @@ from .execution import Abort, Executor, Monitor, Outcome
 
 logger = logging.getLogger("django_tasks.worker")
 
-#: How long a busy consumer may hold finished results before writing them.
-FLUSH_INTERVAL = 0.005
+#: How long a busy consumer may hold finished results before writing them (it writes them at
+#: once when its batch is done; an adapted batch is about this long, see Prefetch).
+FLUSH_INTERVAL = 0.02
 #: The longest one consume call blocks, so a stop request is seen within it.
 CONSUME_TIMEOUT = 1.0
 #: How often the lease keeper wakes (to record long-running tasks as STARTED).
