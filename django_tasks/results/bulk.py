@@ -13,6 +13,7 @@ revoke racing the task) is overwritten with the columns given.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -169,6 +170,13 @@ class _SelectById:
         self.names = [f.attname for f in TaskResult._meta.concrete_fields]
 
 
-@lru_cache(maxsize=16)
+_compiled = threading.local()
+
+
 def _select_by_id(using: str) -> _SelectById:
-    return _SelectById(using)
+    """The compiled SELECT of ``using`` for this thread (its compiler holds the connection)."""
+    cache: dict[str, _SelectById] = _compiled.__dict__.setdefault("by_alias", {})
+    select = cache.get(using)
+    if select is None:
+        select = cache[using] = _SelectById(using)
+    return select
