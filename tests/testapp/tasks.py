@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.tasks import TaskContext
 from django.tasks import task as django_task
 
@@ -134,12 +134,15 @@ def record_through_outages(marker: str, seconds: float = 0.0) -> int:
     """record(), then sleep ``seconds`` after the first execution only (a task in flight).
 
     Written as a task that must survive a restart of its own database is: a database error
-    retries it. tests/test_faults.py counts its executions while PostgreSQL restarts under it.
+    retries it, and its writes are one transaction, so that an attempt cut off between its
+    INSERT and its last query leaves nothing behind for the retry to count twice.
+    tests/test_faults.py counts its executions while PostgreSQL restarts under it.
     """
     from tests.testapp.models import Execution
 
-    first = not Execution.objects.filter(marker=marker).exists()
-    count = record(marker)
+    with transaction.atomic():
+        first = not Execution.objects.filter(marker=marker).exists()
+        count = record(marker)
     if first:
         time.sleep(seconds)
     return count
