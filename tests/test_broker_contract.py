@@ -104,6 +104,60 @@ def test_expired_lease_is_delivered_again(make_broker: BrokerFactory) -> None:
     assert second.queue_lengths(["default"]) == {"default": 0}
 
 
+def test_a_stale_lease_holder_cannot_touch_the_message(make_broker: BrokerFactory) -> None:
+    """A consumer whose lease expired and was taken over can no longer end or move that lease."""
+    first, second = make_broker(LEASE_SECONDS=0.3), make_broker(LEASE_SECONDS=30)
+    sent = message()
+    first.publish(sent)
+    [stale] = first.consume(["default"], 1, timeout=1)
+    [fresh] = consume_until(second, 1)
+    assert fresh.message == sent
+    assert fresh.delivery_count == 2
+    first.ack([stale])
+    first.extend([stale])
+    first.release([stale])
+    first.requeue(stale, message())
+    first.requeue(stale, message(queue="hipri"))  # Moving it to another queue: refused too.
+    assert second.queue_lengths(["default", "hipri"]) == {"default": 1, "hipri": 0}
+    assert second.find(sent.id, ["default"]) == sent
+    assert first.consume(["default"], 1, timeout=0) == []  # Still leased by the second.
+    second.ack([fresh])
+    assert second.queue_lengths(["default"]) == {"default": 0}
+
+
+def test_a_stale_lease_holder_does_not_keep_the_new_lease_alive(
+    make_broker: BrokerFactory,
+) -> None:
+    """The lease keeper of a consumer that lost the lease does not renew the new holder's."""
+    first, second, third = (make_broker(LEASE_SECONDS=0.4) for _ in range(3))
+    sent = message()
+    first.publish(sent)
+    [stale] = first.consume(["default"], 1, timeout=1)
+    [taken] = consume_until(second, 1)  # The second consumer then dies without renewing it.
+    assert taken.delivery_count == 2
+    again = []
+    end = time.monotonic() + 10
+    while not again and time.monotonic() < end:
+        first.extend([stale])  # Still running its stale delivery, and renewing it.
+        again = third.consume(["default"], 1, timeout=0.1)
+    assert [d.delivery_count for d in again] == [3]
+    third.ack(again)
+
+
+def test_requeue_to_another_queue(broker: Broker) -> None:
+    sent = message()
+    broker.publish(sent)
+    [leased] = broker.consume(["default"], 1, timeout=1)
+    retry = message(queue="hipri", retries=1)
+    retry.id = sent.id
+    broker.requeue(leased, retry)
+    assert broker.queue_lengths(["default", "hipri"]) == {"default": 0, "hipri": 1}
+    [again] = broker.consume(["hipri"], 1, timeout=1)
+    assert again.message == retry
+    assert again.delivery_count == 1  # A new attempt counts its deliveries afresh.
+    broker.ack([again])
+
+
 def test_extend_keeps_the_lease(make_broker: BrokerFactory) -> None:
     owner, other = make_broker(LEASE_SECONDS=0.6), make_broker(LEASE_SECONDS=0.6)
     owner.publish(message())

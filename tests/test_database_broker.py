@@ -153,26 +153,6 @@ def test_send_commits_with_the_callers_transaction(make: BrokerMaker, alias: str
 
 
 @both
-def test_a_stale_lease_owner_cannot_touch_the_message(make: BrokerMaker) -> None:
-    first, second = make(LEASE_SECONDS=0.3), make(LEASE_SECONDS=30)
-    sent = message()
-    first.publish(sent)
-    [stale] = first.consume(["default"], 1, timeout=1)
-    [fresh] = consume_until(second, 1)
-    assert fresh.message == sent
-    assert fresh.delivery_count == 2
-    first.ack([stale])
-    first.extend([stale])
-    first.release([stale])
-    first.requeue(stale, message())
-    assert second.queue_lengths(["default"]) == {"default": 1}
-    assert second.find(sent.id, ["default"]) == sent
-    assert first.consume(["default"], 1, timeout=0) == []  # Still leased by the second.
-    second.ack([fresh])
-    assert second.queue_lengths(["default"]) == {"default": 0}
-
-
-@both
 def test_requeue_resets_the_delivery_count(make: BrokerMaker) -> None:
     broker = make()
     sent = message()

@@ -257,19 +257,6 @@ def test_release_keeps_the_delivery_count(broker: RedisBroker) -> None:
     assert again.delivery_count == 2
 
 
-def test_requeue_to_another_queue(broker: RedisBroker) -> None:
-    sent = message()
-    broker.publish(sent)
-    [leased] = broker.consume(["default"], 1, timeout=1)
-    retry = message(queue="hipri", retries=1)
-    retry.id = sent.id
-    broker.requeue(leased, retry)
-    assert broker.queue_lengths(["default", "hipri"]) == {"default": 0, "hipri": 1}
-    [again] = broker.consume(["hipri"], 1, timeout=1)
-    assert again.message == retry
-    assert again.delivery_count == 1
-
-
 def test_a_batch_over_several_queues_keeps_each_queue_in_order(broker: RedisBroker) -> None:
     sent = [message(queue=q) for q in ("default", "hipri", "default", "hipri", "default")]
     broker.publish_many(sent)

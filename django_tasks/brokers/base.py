@@ -4,7 +4,9 @@ Delivery is at-least-once. ``consume`` leases each delivery to the caller for
 ``config.lease_seconds``; the caller keeps the lease alive with ``extend`` while it works and ends
 it with ``ack`` (done), ``requeue`` (run again, possibly later) or ``release`` (give it back now).
 A lease that is not extended expires and its message goes back to its queue, so the messages of a
-worker that died are delivered again and never lost.
+worker that died are delivered again and never lost. Once another consumer has claimed it, the
+first one's ``ack``, ``extend``, ``requeue`` and ``release`` leave the message alone (and log a
+warning): the lease, and the say over the message, are the new holder's.
 
 Order: within a queue, a higher priority is delivered first and equal priorities in publish order;
 a delayed message (``eta``) is never delivered before its time. ``consume`` takes queues in the
@@ -13,6 +15,7 @@ order given.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -193,3 +196,17 @@ class PollingWaiter(ResultWaiter):
     def wait(self, timeout: float) -> None:
         time.sleep(max(0.0, min(timeout, self.interval)))
         self.interval = min(self.interval * 1.5, 0.1)
+
+
+def warn_if_lost(
+    logger: logging.Logger, action: str, deliveries: Sequence[Delivery], done: int
+) -> None:
+    """Log the deliveries whose lease expired and was taken over before ``action``."""
+    if done < len(deliveries):
+        logger.warning(
+            "%d of %d %s(s) did nothing: the lease expired and the message was (or will be) "
+            "delivered again. Raise LEASE_SECONDS or extend leases more often.",
+            len(deliveries) - done,
+            len(deliveries),
+            action,
+        )

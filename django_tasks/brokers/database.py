@@ -42,7 +42,7 @@ from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, DecodeError
 from ..messages import Message, decode
 from ..models import QueuedMessage, QueuedMessageQuerySet, TaskResult
-from .base import Broker, Delivery, Outgoing, PollingWaiter, ResultWaiter
+from .base import Broker, Delivery, Outgoing, PollingWaiter, ResultWaiter, warn_if_lost
 from .database_sql import (
     ack_sql,
     can_claim_in_one_statement,
@@ -409,7 +409,7 @@ class DatabaseBroker(Broker):
         if deliveries and (results or statement) and self.can_notify:
             with self._errors("acknowledge messages"):
                 deleted = self._ack_and_notify(deliveries, results, statement)
-            _warn_if_lost("ack", deliveries, deleted)
+            warn_if_lost(logger, "ack", deliveries, deleted)
         elif statement is not None:
             raise NotImplementedError("ack(statement=...) needs acks_with() to be true")
         else:
@@ -418,7 +418,7 @@ class DatabaseBroker(Broker):
                     # QuerySet.delete() would wrap this single statement in BEGIN ... COMMIT;
                     # the table has no relations and no signals to honour: delete directly.
                     deleted = self._owned(deliveries)._raw_delete(self.alias)
-                _warn_if_lost("ack", deliveries, deleted)
+                warn_if_lost(logger, "ack", deliveries, deleted)
             self.notify_results(results)
         self._vacuum_if_due(len(deliveries))
 
@@ -476,7 +476,7 @@ class DatabaseBroker(Broker):
             )
             if updated and _due_soon(eta, self.max_wait):
                 self._notify_queues([message.queue])
-        _warn_if_lost("requeue", [delivery], updated)
+        warn_if_lost(logger, "requeue", [delivery], updated)
 
     def release(self, deliveries: Sequence[Delivery]) -> None:
         """End the leases, keeping the delivery counts; the messages are ready at once."""
@@ -491,7 +491,7 @@ class DatabaseBroker(Broker):
             until = timezone.now() + timedelta(seconds=self.config.lease_seconds)
             with self._errors("extend leases"):
                 extended = self._owned(deliveries).update(leased_until=until)
-            _warn_if_lost("extend", deliveries, extended)
+            warn_if_lost(logger, "extend", deliveries, extended)
 
     def _owned(self, deliveries: Sequence[Delivery]) -> QueuedMessageQuerySet:
         """The rows of ``deliveries`` whose lease is still theirs (same row, same token)."""
@@ -663,18 +663,6 @@ def _announced(payload: str) -> list[str]:
 def queue_channel(queue: str) -> str:
     """The NOTIFY channel of a queue: a valid identifier whatever the queue's name."""
     return "dt_q_" + hashlib.sha256(queue.encode()).hexdigest()[:32]
-
-
-def _warn_if_lost(action: str, deliveries: Sequence[Delivery], done: int) -> None:
-    """Log the deliveries whose lease expired and was taken over before ``action``."""
-    if done < len(deliveries):
-        logger.warning(
-            "%d of %d %s(s) did nothing: the lease expired and the message was (or will be) "
-            "delivered again. Raise LEASE_SECONDS or extend leases more often.",
-            len(deliveries) - done,
-            len(deliveries),
-            action,
-        )
 
 
 def _available_at(eta: float | None, now: datetime) -> datetime:

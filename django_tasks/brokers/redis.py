@@ -34,7 +34,7 @@ from redis.retry import Retry
 from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, BrokerError, DecodeError
 from ..messages import Message, decode, encode
-from .base import Broker, Delivery, Outgoing, ResultWaiter
+from .base import Broker, Delivery, Outgoing, ResultWaiter, warn_if_lost
 from .notifications import NotificationHub
 from .redis_keys import QueueKeys, queue_keys, results_channel
 
@@ -97,6 +97,25 @@ local function call_chunked(command, key, items, option)
   end
 end
 
+-- The ids of ARGV[first..] (pairs: id, delivery count) still held by the caller: a lease is the
+-- caller's while the message's delivery count is the one its claim returned. Once a lease
+-- expired and another consumer claimed the message, the count moved on, and an ack, release,
+-- extend or requeue of the first consumer leaves the message alone.
+local function owned(deliveries, first)
+  local ids, counts = {}, {}
+  for i = first, #ARGV, 2 do
+    ids[#ids + 1] = ARGV[i]
+    counts[#counts + 1] = ARGV[i + 1]
+  end
+  if #ids == 0 then return ids end
+  local held = {}
+  local current = redis.call('HMGET', deliveries, unpack(ids))
+  for i, id in ipairs(ids) do
+    if current[i] == counts[i] then held[#held + 1] = id end
+  end
+  return held
+end
+
 -- Leave one wake-up token for a blocked consumer; the list never holds more than one.
 local function wake(signal)
   if redis.call('LLEN', signal) == 0 then redis.call('RPUSH', signal, 1) end
@@ -114,22 +133,25 @@ ENQUEUE_LUA = (
 """
     + _LUA_KEYS
     + """\
--- ARGV[1]   the id of a leased message to remove first (requeue), or "" to remove none
--- ARGV[2..] four per message, in publish order: id, body, priority, eta in ms or ""
--- Returns the number of messages stored.
+-- ARGV[1]   the id of a leased message to replace (requeue), or "" to replace none
+-- ARGV[2]   its delivery count (the lease must still be the caller's), or ""
+-- ARGV[3..] four per message, in publish order: id, body, priority, eta in ms or ""
+-- Returns the number of messages stored: 0 when the message to replace is no longer the
+-- caller's (its lease expired and another consumer claimed it, or it is gone).
 --@helpers
 local drop = ARGV[1]
 if drop ~= '' then
+  if redis.call('HGET', KEYS[5], drop) ~= ARGV[2] then return 0 end
   redis.call('ZREM', KEYS[4], drop)
   redis.call('HDEL', KEYS[5], drop) -- a new attempt starts counting deliveries again
   redis.call('HDEL', KEYS[1], drop)
 end
-local n = (#ARGV - 1) / 4
+local n = (#ARGV - 2) / 4
 -- One INCRBY reserves a sequence number per message (gaps left by delayed ones are harmless).
 local seq = redis.call('INCRBY', KEYS[7], n) - n
 local now = nil
 local bodies, ready, delayed, delayed_ids = {}, {}, {}, {}
-for i = 2, #ARGV, 4 do
+for i = 3, #ARGV, 4 do
   local id, eta = ARGV[i], ARGV[i + 3]
   seq = seq + 1
   bodies[#bodies + 1] = id
@@ -252,15 +274,16 @@ RELEASE_LUA = (
 """
     + _LUA_KEYS
     + """\
--- ARGV two per message: id, priority
--- Returns the number of messages released (ids no longer leased are left alone).
+-- ARGV three per message: id, priority, delivery count
+-- Returns the number of messages released (ids no longer leased by the caller are left alone).
 --@helpers
-local n = #ARGV / 2
+local n = #ARGV / 3
 local seq = redis.call('INCRBY', KEYS[7], n) - n
 local entries = {}
-for i = 1, #ARGV, 2 do
+for i = 1, #ARGV, 3 do
   seq = seq + 1
-  if redis.call('ZREM', KEYS[4], ARGV[i]) == 1 then
+  if redis.call('HGET', KEYS[5], ARGV[i]) == ARGV[i + 2]
+      and redis.call('ZREM', KEYS[4], ARGV[i]) == 1 then
     entries[#entries + 1] = ready_score(tonumber(ARGV[i + 1]), seq)
     entries[#entries + 1] = ARGV[i]
   end
@@ -279,17 +302,17 @@ EXTEND_LUA = (
 """
     + _LUA_KEYS
     + """\
--- ARGV[1] lease duration in ms  ARGV[2..] ids
--- XX: an id acked meanwhile is not leased again.
+-- ARGV[1] lease duration in ms  ARGV[2..] two per message: id, delivery count
+-- Only leases still the caller's are renewed; XX: an id acked meanwhile is not leased again.
 --@helpers
 local deadline = server_ms() + tonumber(ARGV[1])
 local entries = {}
-for i = 2, #ARGV do
+for _, id in ipairs(owned(KEYS[5], 2)) do
   entries[#entries + 1] = deadline
-  entries[#entries + 1] = ARGV[i]
+  entries[#entries + 1] = id
 end
 call_chunked('ZADD', KEYS[4], entries, 'XX')
-return #ARGV - 1
+return #entries / 2
 """
 )
 
@@ -368,10 +391,10 @@ ACK_LUA = (
     + _LUA_KEYS
     + """\
 -- ARGV[1] the results channel, or "" to announce nothing  ARGV[2] its payload (a JSON list)
--- ARGV[3..] the ids of the messages
+-- ARGV[3..] two per message: id, delivery count. A message whose lease is no longer the
+-- caller's (another consumer claimed it after the lease expired) is left to that consumer.
 --@helpers
-local ids = {}
-for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+local ids = owned(KEYS[5], 3)
 if #ids > 0 then
   call_chunked('ZREM', KEYS[4], ids)
   call_chunked('HDEL', KEYS[1], ids)
@@ -593,7 +616,8 @@ class RedisBroker(Broker):
             return
         calls: dict[str, list[Any]] = {}
         for message, body in batch:
-            calls.setdefault(message.queue, [""]).extend(_enqueue_args(message, body, message.eta))
+            queue = calls.setdefault(message.queue, ["", ""])  # Replaces no leased message.
+            queue.extend(_enqueue_args(message, body, message.eta))
         if calls:
             self._run_per_queue(self.scripts.enqueue, calls)
 
@@ -782,7 +806,7 @@ class RedisBroker(Broker):
         """
         if statement is not None:
             raise NotImplementedError("The Redis broker cannot run SQL with its ack.")
-        calls = {queue: ["", "", *tags] for queue, tags in _tags_by_queue(deliveries).items()}
+        calls = {queue: ["", "", *held] for queue, held in _held_by_queue(deliveries).items()}
         if results:
             channel = results_channel(self.config.key_prefix)
             first = next(iter(calls.values()), None)
@@ -790,7 +814,8 @@ class RedisBroker(Broker):
                 first = calls[self.config.default_queue] = ["", ""]
             first[:2] = [channel, _compact.encode(list(results))]
         if calls:
-            self._run_per_queue(self.scripts.ack, calls)
+            acked = self._run_per_queue(self.scripts.ack, calls)
+            warn_if_lost(logger, "ack", deliveries, sum(int(n) for n in acked))
 
     @_translate_errors("requeue a message")
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
@@ -799,17 +824,31 @@ class RedisBroker(Broker):
         # an oversize body is dead-lettered at consume instead.
         args = _enqueue_args(message, encode(message), eta)
         if message.queue == delivery.queue:
-            self._run(self.scripts.enqueue, delivery.queue, [delivery.tag, *args])
+            lease = [delivery.tag, delivery.delivery_count]
+            stored = self._run(self.scripts.enqueue, delivery.queue, [*lease, *args])
+            warn_if_lost(logger, "requeue", [delivery], int(stored))
             return
-        # A move to another queue spans two hash slots: drop and enqueue in one transaction.
-        old = self.keys(delivery.queue)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zrem(old.leases, delivery.tag)
-        pipe.hdel(old.msgs, delivery.tag)
-        pipe.hdel(old.deliveries, delivery.tag)
-        new = self.keys(message.queue)
-        pipe.eval(_source(self.scripts.enqueue), len(new), *new, "", *args)
-        pipe.execute()
+        # A move to another queue spans two hash slots: drop and enqueue in one transaction,
+        # which WATCH aborts (and the loop tries again) if a claim or an ack touched the
+        # delivery counts of the old queue between the ownership check and EXEC.
+        old, new = self.keys(delivery.queue), self.keys(message.queue)
+        count = str(delivery.delivery_count).encode()
+        while True:
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(old.deliveries)
+                    moved = pipe.hget(old.deliveries, delivery.tag) == count
+                    if moved:
+                        pipe.multi()
+                        pipe.zrem(old.leases, delivery.tag)
+                        pipe.hdel(old.msgs, delivery.tag)
+                        pipe.hdel(old.deliveries, delivery.tag)
+                        pipe.eval(_source(self.scripts.enqueue), len(new), *new, "", "", *args)
+                        pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        warn_if_lost(logger, "requeue", [delivery], int(moved))
 
     @_translate_errors("release messages")
     def release(self, deliveries: Sequence[Delivery]) -> None:
@@ -820,7 +859,8 @@ class RedisBroker(Broker):
         calls: dict[str, list[Any]] = {}
         for delivery in deliveries:
             priority = delivery.message.priority if delivery.message else 0
-            calls.setdefault(delivery.queue, []).extend((delivery.tag, priority))
+            held = (delivery.tag, priority, delivery.delivery_count)
+            calls.setdefault(delivery.queue, []).extend(held)
         if calls:
             self._run_per_queue(self.scripts.release, calls)
 
@@ -828,10 +868,11 @@ class RedisBroker(Broker):
     def extend(self, deliveries: Sequence[Delivery]) -> None:
         """Renew the leases still held for another ``lease_seconds`` (Redis server time)."""
         calls = {
-            queue: [self._lease_ms, *tags] for queue, tags in _tags_by_queue(deliveries).items()
+            queue: [self._lease_ms, *held] for queue, held in _held_by_queue(deliveries).items()
         }
         if calls:
-            self._run_per_queue(self.scripts.extend, calls)
+            extended = self._run_per_queue(self.scripts.extend, calls)
+            warn_if_lost(logger, "extend", deliveries, sum(int(n) for n in extended))
 
     # Inspecting.
 
@@ -971,10 +1012,11 @@ def _enqueue_args(
     return message.id, body, message.priority, eta_ms
 
 
-def _tags_by_queue(deliveries: Iterable[Delivery]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
+def _held_by_queue(deliveries: Iterable[Delivery]) -> dict[str, list[str | int]]:
+    """Per queue, two arguments per delivery: its id and the delivery count of its lease."""
+    grouped: dict[str, list[str | int]] = {}
     for delivery in deliveries:
-        grouped.setdefault(delivery.queue, []).append(delivery.tag)
+        grouped.setdefault(delivery.queue, []).extend((delivery.tag, delivery.delivery_count))
     return grouped
 
 
