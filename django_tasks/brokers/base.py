@@ -5,8 +5,8 @@ Delivery is at-least-once. ``consume`` leases each delivery to the caller for
 it with ``ack`` (done), ``requeue`` (run again, possibly later) or ``release`` (give it back now).
 A lease that is not extended expires and its message goes back to its queue, so the messages of a
 worker that died are delivered again and never lost. Once another consumer has claimed it, the
-first one's ``ack``, ``extend``, ``requeue`` and ``release`` leave the message alone (and log a
-warning): the lease, and the say over the message, are the new holder's.
+first one's ``ack``, ``extend``, ``requeue`` and ``release`` leave the message alone (all but
+``release`` log a warning): the lease, and the say over the message, are the new holder's.
 
 Order: within a queue, a higher priority is delivered first and equal priorities in publish order;
 a delayed message (``eta``) is never delivered before its time. ``consume`` takes queues in the
