@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -156,6 +157,41 @@ def test_requeue_to_another_queue(broker: Broker) -> None:
     assert again.message == retry
     assert again.delivery_count == 1  # A new attempt counts its deliveries afresh.
     broker.ack([again])
+
+
+class Warnings(logging.Handler):
+    """The warnings the brokers log while it is attached (their logger does not propagate)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> Warnings:
+        logging.getLogger("django_tasks.brokers").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("django_tasks.brokers").removeHandler(self)
+
+
+def test_extend_warns_only_about_leases_taken_over(make_broker: BrokerFactory) -> None:
+    """The lease keeper may list a delivery its consumer acknowledges meanwhile: no warning."""
+    first, second = make_broker(LEASE_SECONDS=0.3), make_broker(LEASE_SECONDS=30)
+    first.publish_many([message(), message()])
+    done, running = consume_until(first, 2)
+    first.ack([done])
+    with Warnings() as warnings:
+        first.extend([done, running])
+    assert warnings.messages == []
+    [taken] = consume_until(second, 1)  # The running one's lease expired; it was taken over.
+    with Warnings() as warnings:
+        first.extend([running])
+    assert [m.split(":")[0] for m in warnings.messages] == ["1 of 1 extend(s) did nothing"]
+    second.ack([taken])
+    assert second.queue_lengths(["default"]) == {"default": 0}
 
 
 def test_extend_keeps_the_lease(make_broker: BrokerFactory) -> None:

@@ -491,6 +491,12 @@ class DatabaseBroker(Broker):
             until = timezone.now() + timedelta(seconds=self.config.lease_seconds)
             with self._errors("extend leases"):
                 extended = self._owned(deliveries).update(leased_until=until)
+                if extended < len(deliveries):
+                    # Rows acknowledged since the lease keeper listed them are gone, not lost:
+                    # only those leased again under another token were taken over.
+                    pks = [int(d.tag.partition(":")[0]) for d in deliveries]
+                    taken = self.messages().filter(pk__in=pks).count() - extended
+                    extended = len(deliveries) - taken
             warn_if_lost(logger, "extend", deliveries, extended)
 
     def _owned(self, deliveries: Sequence[Delivery]) -> QueuedMessageQuerySet:

@@ -100,20 +100,25 @@ end
 -- The ids of ARGV[first..] (pairs: id, delivery count) still held by the caller: a lease is the
 -- caller's while the message's delivery count is the one its claim returned. Once a lease
 -- expired and another consumer claimed the message, the count moved on, and an ack, release,
--- extend or requeue of the first consumer leaves the message alone.
+-- extend or requeue of the first consumer leaves the message alone. Also returns how many of
+-- the others were taken over (a count, not gone: no count once a message is acknowledged).
 local function owned(deliveries, first)
   local ids, counts = {}, {}
   for i = first, #ARGV, 2 do
     ids[#ids + 1] = ARGV[i]
     counts[#counts + 1] = ARGV[i + 1]
   end
-  if #ids == 0 then return ids end
-  local held = {}
+  if #ids == 0 then return ids, 0 end
+  local held, taken = {}, 0
   local current = redis.call('HMGET', deliveries, unpack(ids))
   for i, id in ipairs(ids) do
-    if current[i] == counts[i] then held[#held + 1] = id end
+    if current[i] == counts[i] then
+      held[#held + 1] = id
+    elseif current[i] then
+      taken = taken + 1
+    end
   end
-  return held
+  return held, taken
 end
 
 -- Leave one wake-up token for a blocked consumer; the list never holds more than one.
@@ -304,15 +309,17 @@ EXTEND_LUA = (
     + """\
 -- ARGV[1] lease duration in ms  ARGV[2..] two per message: id, delivery count
 -- Only leases still the caller's are renewed; XX: an id acked meanwhile is not leased again.
+-- Returns how many leases were taken over by another consumer (acknowledged ones are not).
 --@helpers
 local deadline = server_ms() + tonumber(ARGV[1])
+local held, taken = owned(KEYS[5], 2)
 local entries = {}
-for _, id in ipairs(owned(KEYS[5], 2)) do
+for _, id in ipairs(held) do
   entries[#entries + 1] = deadline
   entries[#entries + 1] = id
 end
 call_chunked('ZADD', KEYS[4], entries, 'XX')
-return #entries / 2
+return taken
 """
 )
 
@@ -871,8 +878,8 @@ class RedisBroker(Broker):
             queue: [self._lease_ms, *held] for queue, held in _held_by_queue(deliveries).items()
         }
         if calls:
-            extended = self._run_per_queue(self.scripts.extend, calls)
-            warn_if_lost(logger, "extend", deliveries, sum(int(n) for n in extended))
+            taken = sum(int(n) for n in self._run_per_queue(self.scripts.extend, calls))
+            warn_if_lost(logger, "extend", deliveries, len(deliveries) - taken)
 
     # Inspecting.
 
