@@ -409,7 +409,7 @@ class DatabaseBroker(Broker):
         if deliveries and (results or statement) and self.can_notify:
             with self._errors("acknowledge messages"):
                 deleted = self._ack_and_notify(deliveries, results, statement)
-            warn_if_lost(logger, "ack", deliveries, deleted)
+            self._warn_if_taken_over("ack", deliveries, deleted, kept=0)
         elif statement is not None:
             raise NotImplementedError("ack(statement=...) needs acks_with() to be true")
         else:
@@ -418,7 +418,7 @@ class DatabaseBroker(Broker):
                     # QuerySet.delete() would wrap this single statement in BEGIN ... COMMIT;
                     # the table has no relations and no signals to honour: delete directly.
                     deleted = self._owned(deliveries)._raw_delete(self.alias)
-                warn_if_lost(logger, "ack", deliveries, deleted)
+                self._warn_if_taken_over("ack", deliveries, deleted, kept=0)
             self.notify_results(results)
         self._vacuum_if_due(len(deliveries))
 
@@ -491,13 +491,25 @@ class DatabaseBroker(Broker):
             until = timezone.now() + timedelta(seconds=self.config.lease_seconds)
             with self._errors("extend leases"):
                 extended = self._owned(deliveries).update(leased_until=until)
-                if extended < len(deliveries):
-                    # Rows acknowledged since the lease keeper listed them are gone, not lost:
-                    # only those leased again under another token were taken over.
-                    pks = [int(d.tag.partition(":")[0]) for d in deliveries]
-                    taken = self.messages().filter(pk__in=pks).count() - extended
-                    extended = len(deliveries) - taken
-            warn_if_lost(logger, "extend", deliveries, extended)
+            self._warn_if_taken_over("extend", deliveries, extended, kept=extended)
+
+    def _warn_if_taken_over(
+        self, action: str, deliveries: Sequence[Delivery], done: int, kept: int
+    ) -> None:
+        """Warn about the deliveries whose rows are now leased to another consumer (or free).
+
+        ``done`` rows were acted on, ``kept`` of them are still in the table. A row that is gone
+        was acknowledged already: by this consumer (an extend listing a delivery acked since,
+        an ack sent again after its reply was lost), which is no lost lease.
+        """
+        if done >= len(deliveries):
+            return
+        pks = [int(d.tag.partition(":")[0]) for d in deliveries]
+        try:
+            taken = self.messages().filter(pk__in=pks).count() - kept
+        except DatabaseError:
+            taken = len(deliveries) - done  # Cannot tell: say all of them.
+        warn_if_lost(logger, action, deliveries, len(deliveries) - taken)
 
     def _owned(self, deliveries: Sequence[Delivery]) -> QueuedMessageQuerySet:
         """The rows of ``deliveries`` whose lease is still theirs (same row, same token)."""

@@ -400,15 +400,17 @@ ACK_LUA = (
 -- ARGV[1] the results channel, or "" to announce nothing  ARGV[2] its payload (a JSON list)
 -- ARGV[3..] two per message: id, delivery count. A message whose lease is no longer the
 -- caller's (another consumer claimed it after the lease expired) is left to that consumer.
+-- Returns how many were left so; one acknowledged already (say, an ack sent again after its
+-- reply was lost) is gone and not counted.
 --@helpers
-local ids = owned(KEYS[5], 3)
+local ids, taken = owned(KEYS[5], 3)
 if #ids > 0 then
   call_chunked('ZREM', KEYS[4], ids)
   call_chunked('HDEL', KEYS[1], ids)
   call_chunked('HDEL', KEYS[5], ids)
 end
 if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
-return #ids
+return taken
 """
 )
 
@@ -821,8 +823,8 @@ class RedisBroker(Broker):
                 first = calls[self.config.default_queue] = ["", ""]
             first[:2] = [channel, _compact.encode(list(results))]
         if calls:
-            acked = self._run_per_queue(self.scripts.ack, calls)
-            warn_if_lost(logger, "ack", deliveries, sum(int(n) for n in acked))
+            taken = sum(int(n) for n in self._run_per_queue(self.scripts.ack, calls))
+            warn_if_lost(logger, "ack", deliveries, len(deliveries) - taken)
 
     @_translate_errors("requeue a message")
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
