@@ -136,8 +136,10 @@ def test_many_workers_share_a_queue_and_run_each_task_once(e2e: E2E) -> None:
     first = e2e.start_worker("-c", "2")
     second = e2e.start_worker("-c", "2", "--pool", "thread")
     markers = [f"m{i}" for i in range(60)]
+    # Tasks of 20 ms: with quick ones, one pool member may lease (adaptively) and run them all
+    # before another wakes; these are enough work for every member to take its share.
     for marker in markers:
-        tasks.record.delay(marker)
+        tasks.sleep_then_record.delay(marker, 0.02)
     wait_for(lambda: Execution.objects.count() >= len(markers), timeout=60)
     wait_for(lambda: get_backend().broker.queue_lengths(["default"])["default"] == 0)
     counts = {m: Execution.objects.filter(marker=m).count() for m in markers}
