@@ -594,11 +594,14 @@ class RedisBroker(Broker):
 
     def _run(self, script: Script, queue: str, args: Sequence[Any]) -> Any:
         """Run ``script`` on the keys of ``queue``: one round trip (see _call())."""
-        keys = self.keys(queue)
+        return self._evalsha(script.sha, _source(script), self.keys(queue), args)
+
+    def _evalsha(self, sha: str, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA on this thread's connection; EVAL (which loads it) if Redis lacks the script."""
         try:
-            return self._call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Not loaded yet (or flushed): EVAL loads it.
-            return self._call("EVAL", _source(script), len(keys), *keys, *args)
+            return self._call("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:  # Not loaded yet (or flushed).
+            return self._call("EVAL", source, len(keys), *keys, *args)
 
     def _run_per_queue(self, script: Script, calls: dict[str, list[Any]]) -> list[Any]:
         """Run ``script`` once per queue in one round trip, as one MULTI/EXEC transaction.
@@ -642,10 +645,7 @@ class RedisBroker(Broker):
                 queue.seq,
             )
         args = (message.id, body, (100 - message.priority) * PRIORITY_STEP)
-        try:
-            self._call("EVALSHA", _PUSH_SHA, 4, *keys, *args)
-        except NoScriptError:  # Not loaded yet (or flushed): EVAL loads it.
-            self._call("EVAL", PUSH_LUA, 4, *keys, *args)
+        self._evalsha(_PUSH_SHA, PUSH_LUA, keys, args)
 
     def _call(self, *args: Any) -> Any:
         """One command on this thread's connection: ``client.execute_command()`` without hooks.
