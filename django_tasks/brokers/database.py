@@ -449,8 +449,8 @@ class DatabaseBroker(Broker):
     ) -> int:
         pks, tokens = [], []
         for delivery in deliveries:
-            pk, _, token = delivery.tag.partition(":")
-            pks.append(int(pk))
+            pk, token = _lease(delivery)
+            pks.append(pk)
             tokens.append(token)
         payloads = list(_payloads(results))
         channels = [RESULTS_CHANNEL] * len(payloads)
@@ -504,7 +504,7 @@ class DatabaseBroker(Broker):
         """
         if done >= len(deliveries):
             return
-        pks = [int(d.tag.partition(":")[0]) for d in deliveries]
+        pks = [_lease(d)[0] for d in deliveries]
         try:
             taken = self.messages().filter(pk__in=pks).count() - kept
         except DatabaseError:
@@ -515,8 +515,8 @@ class DatabaseBroker(Broker):
         """The rows of ``deliveries`` whose lease is still theirs (same row, same token)."""
         by_token: dict[str, list[int]] = {}
         for delivery in deliveries:
-            pk, _, token = delivery.tag.partition(":")
-            by_token.setdefault(token, []).append(int(pk))
+            pk, token = _lease(delivery)
+            by_token.setdefault(token, []).append(pk)
         condition = reduce(or_, (Q(lease_token=t, pk__in=pks) for t, pks in by_token.items()))
         return self.messages().filter(condition)
 
@@ -681,6 +681,12 @@ def _announced(payload: str) -> list[str]:
 def queue_channel(queue: str) -> str:
     """The NOTIFY channel of a queue: a valid identifier whatever the queue's name."""
     return "dt_q_" + hashlib.sha256(queue.encode()).hexdigest()[:32]
+
+
+def _lease(delivery: Delivery) -> tuple[int, str]:
+    """The row and the lease token a delivery's tag names (``"<pk>:<token>"``, see _delivery)."""
+    pk, _, token = delivery.tag.partition(":")
+    return int(pk), token
 
 
 def _available_at(eta: float | None, now: datetime) -> datetime:
