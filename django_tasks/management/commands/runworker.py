@@ -10,8 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...backend import get_backend
 from ...worker import Worker
-
-LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+from ...worker.logs import LOG_FORMAT, WorkerFormatter, skip_unheard
 
 
 class Command(BaseCommand):
@@ -121,7 +120,11 @@ class Command(BaseCommand):
 
     @staticmethod
     def _configure_logging(level: str) -> None:
-        """Log to stderr unless the project's LOGGING already routes our logger somewhere."""
+        """Log to stderr unless the project's LOGGING already routes our logger somewhere.
+
+        Django's own per-task records (INFO on ``django.tasks``) are not built at all where the
+        project's LOGGING would write them nowhere (Django's default with DEBUG off).
+        """
         logger = logging.getLogger("django_tasks")
         logger.setLevel(level)
         if not logger.handlers:
@@ -129,4 +132,7 @@ class Command(BaseCommand):
             logger.propagate = False
         for existing in logger.handlers:
             if existing.formatter is None:
-                existing.setFormatter(logging.Formatter(LOG_FORMAT))
+                existing.setFormatter(WorkerFormatter(LOG_FORMAT))
+        if skip_unheard("django.tasks", logging.INFO, "Task id=%s path=%s state=%s",
+                        ("", "", "RUNNING")):  # fmt: skip
+            logger.debug("django.tasks INFO records go to no handler: the worker skips them")

@@ -1,0 +1,132 @@
+"""The worker's log output: the lines it writes, and the records it skips building."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from django.tasks.signals import task_finished, task_started
+
+from django_tasks.backend import get_backend
+from django_tasks.management.commands.runworker import Command
+from django_tasks.models import TaskResult
+from django_tasks.worker.logs import LOG_FORMAT, WorkerFormatter, skip_unheard
+from tests.conftest import E2E
+from tests.testapp import tasks
+
+
+class Collect(logging.Handler):
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def django_tasks_logger() -> Iterator[logging.Logger]:
+    """Django's ``django.tasks`` logger, restored after the test."""
+    logger = logging.getLogger("django.tasks")
+    level, handlers, filters = logger.level, list(logger.handlers), list(logger.filters)
+    yield logger
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+    logger.filters[:] = filters
+
+
+@contextmanager
+def without_pytest_handlers() -> Iterator[None]:
+    """Take off the handlers pytest puts on the root logger (they capture every record).
+
+    What is left is a worker's logging: the test settings' LOGGING over Django's default.
+    """
+    root = logging.getLogger()
+    captured = list(root.handlers)
+    root.handlers[:] = []
+    try:
+        yield
+    finally:
+        root.handlers[:] = captured
+
+
+def test_the_worker_formatter_writes_what_the_standard_one_writes() -> None:
+    ours, standard = WorkerFormatter(LOG_FORMAT), logging.Formatter(LOG_FORMAT)
+    base = 1_767_225_599  # 2025-12-31 23:59:59 UTC: the next second is another day and year.
+    # Within one second, across seconds, and back again (threads log out of order).
+    for created in (base + 0.001, base + 0.999, base + 1.0, base + 1.5, base + 0.25, base + 61):
+        record = logging.makeLogRecord({"msg": "Task %s done", "args": ("x",), "levelno": 20,
+                                        "levelname": "INFO", "created": created,
+                                        "msecs": (created % 1) * 1000})  # fmt: skip
+        assert ours.format(record) == standard.format(record)
+    dated = logging.makeLogRecord({"msg": "m", "created": base + 0.5, "msecs": 500.0})
+    assert WorkerFormatter("%(asctime)s", datefmt="%H:%M").format(dated) == logging.Formatter(
+        "%(asctime)s", datefmt="%H:%M"
+    ).format(dated)
+
+
+def test_django_task_records_are_skipped_where_no_handler_would_write_them(
+    django_tasks_logger: logging.Logger,
+) -> None:
+    # The test settings keep Django's default logging for "django", and DEBUG is off: Django's
+    # console handler only writes with DEBUG on, and mail_admins only errors.
+    with without_pytest_handlers():
+        assert skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
+    assert not django_tasks_logger.isEnabledFor(logging.INFO)
+    assert django_tasks_logger.isEnabledFor(logging.ERROR)  # Failures are logged as before.
+
+    rejecting = Collect()
+    rejecting.addFilter(lambda record: False)
+    django_tasks_logger.setLevel(logging.NOTSET)
+    django_tasks_logger.addHandler(rejecting)
+    with without_pytest_handlers():
+        assert skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
+
+
+def test_django_task_records_are_kept_where_a_handler_writes_them(
+    django_tasks_logger: logging.Logger,
+) -> None:
+    collect = Collect(logging.INFO)
+    django_tasks_logger.addHandler(collect)
+    with without_pytest_handlers():
+        assert not skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
+        assert django_tasks_logger.isEnabledFor(logging.INFO)
+        # runworker's set-up keeps them too, and Django's receivers log each start and end.
+        Command._configure_logging("INFO")
+    assert django_tasks_logger.isEnabledFor(logging.INFO)
+    row = TaskResult.build(id="logged", task_name=tasks.add.name, state="SUCCESS")
+    result = get_backend().to_django_result(row, tasks.add)
+    task_started.send(type(get_backend()), task_result=result)
+    task_finished.send(type(get_backend()), task_result=result)
+    assert [r.getMessage() for r in collect.records] == [
+        "Task id=logged path=tests.testapp.tasks.add state=SUCCESSFUL"
+    ] * 2
+
+
+def test_runworker_skips_django_records_that_go_nowhere(
+    django_tasks_logger: logging.Logger,
+) -> None:
+    with without_pytest_handlers():
+        Command._configure_logging("INFO")
+    assert not django_tasks_logger.isEnabledFor(logging.INFO)
+
+
+#: A per-task line as runworker writes it (LOG_FORMAT), up to what follows the task id.
+LINE = (
+    r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}: INFO/[^\]]+\] "
+    r"Task tests\.testapp\.tasks\.add\[{id}\] "
+)
+
+
+@pytest.mark.e2e
+def test_a_worker_logs_each_task_received_and_succeeded(e2e: E2E) -> None:
+    worker = e2e.start_worker("-c", "1")
+    result = tasks.add.delay(1, 2)
+    assert result.get(timeout=20) == 3
+    log = worker.log()
+    line = LINE.replace("{id}", re.escape(result.id))
+    assert re.search(line + r"received$", log, re.M), log
+    assert re.search(line + r"succeeded in \d+\.\d{3}s: 3$", log, re.M), log
