@@ -70,6 +70,15 @@ def test_soft_time_limit_in_the_thread_pool(e2e_sqlite: E2E) -> None:
     assert tasks.add.delay(1, 2).get(timeout=20) == 3
 
 
+def test_a_soft_time_limit_ends_with_its_task(e2e_sqlite: E2E) -> None:
+    # The quick task's alarm must not go off in the slower task run next by the same process.
+    e2e_sqlite.start_worker("-c", "1")
+    quick = tasks.sleep_then_record.apply_async(("quick", 0.0), soft_time_limit=1)
+    slower = tasks.sleep_then_record.delay("slower", 1.5)
+    assert quick.get(timeout=20) == "quick"
+    assert slower.get(timeout=20) == "slower"
+
+
 def test_hard_time_limit_stops_the_task_and_the_pool_goes_on(e2e: E2E) -> None:
     e2e.start_worker("-c", "1")
     result = rt.overruns.delay(60)

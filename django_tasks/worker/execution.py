@@ -95,6 +95,7 @@ class Executor:
         self.track_started_after = backend.config.track_started_after
         self._started_lock = threading.Lock()
         self._unrecorded: tuple[TaskResult, float] | None = None
+        self._alarm_set = False  # A soft time limit's SIGALRM is pending.
 
     def execute(self, delivery: Delivery) -> Outcome:
         message = delivery.message
@@ -158,6 +159,7 @@ class Executor:
             self.monitor.started(attempt.delivery, None if hard is None else time.time() + hard)
         if soft is not None and self.alarms:
             signal.setitimer(signal.ITIMER_REAL, soft)
+            self._alarm_set = True
         elif soft is not None:
             self.thread_alarm.arm(soft)
 
@@ -187,10 +189,10 @@ class Executor:
     def _end(self) -> None:
         with self._started_lock:
             self._unrecorded = None
-        if self.alarms:
+        if self._alarm_set:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        else:
-            self.thread_alarm.disarm()
+            self._alarm_set = False
+        self.thread_alarm.disarm()
         self.running = None
         if self.monitor is not None:
             self.monitor.finished()

@@ -370,7 +370,8 @@ class SlotMonitor(Monitor):
                 self.running.value = data
 
     def finished(self) -> None:
-        _store(self.running, None)
+        with self.running.get_lock():
+            self.running.value = b""
 
     def held(self, deliveries: list[Delivery]) -> None:
         described = [_describe(d) for d in deliveries]
