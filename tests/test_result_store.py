@@ -134,3 +134,23 @@ def test_a_row_is_read_as_the_orm_reads_it(using: str) -> None:
         assert fetched is not None and fetched._state.db == using and not fetched._state.adding
         assert columns(fetched) == columns(TaskResult.objects.using(using).get(pk=row.id))
     assert fetch(using, new_id()) is None
+
+
+@pytest.mark.django_db(databases=["default", "postgres"])
+def test_the_tables_every_task_writes_carry_no_index_they_do_not_need() -> None:
+    # Each index costs every task's insert. PostgreSQL's "_like" twins of text indexes serve
+    # only LIKE 'prefix%', which nothing runs; only grouped results enter the group index.
+    require_postgres()
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE tablename IN "
+            "('django_tasks_taskresult', 'django_tasks_queuedmessage')"
+        )
+        indexes = {name: (table, definition) for table, name, definition in cursor.fetchall()}
+    assert not [name for name, (_, d) in indexes.items() if "pattern_ops" in d]
+    assert "WHERE" in indexes["dt_result_group"][1]
+    result_indexes = [name for name, (table, _) in indexes.items() if table.endswith("result")]
+    assert len(result_indexes) == 6, sorted(result_indexes)
+    # The lookups that need an index still have one.
+    for column, table in (("task_name", "taskresult"), ("task_id", "queuedmessage")):
+        assert any(t.endswith(table) and f"({column})" in d for t, d in indexes.values()), column
