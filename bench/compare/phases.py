@@ -36,6 +36,8 @@ STALL_SECONDS = 60.0
 #: The worker sits idle this long after the latency run before its memory is read.
 IDLE_BEFORE_MEMORY = 3.0
 CONN_MAX_AGE = "600"
+#: redis-py single LPUSHes timed right before each one-call enqueue, as its reference.
+LPUSH_BESIDE = 10_000
 
 
 @dataclass
@@ -222,13 +224,24 @@ class Session:
     # Phases -------------------------------------------------------------------------------------
 
     def enqueue(self, bulk: bool, count: int | None = None) -> dict[str, Any]:
-        """Queue ``count`` drain tasks from one fresh client; rate, Redis commands and memory."""
+        """Queue ``count`` drain tasks from one fresh client; rate, Redis commands and memory.
+
+        A one-call-per-task enqueue is also compared with redis-py's single ``LPUSH`` rate,
+        measured right before it (before the command counts are reset, so none of its commands
+        are counted): the machine's speed drifts during a run, and a reference taken at its
+        start can be minutes old.
+        """
         count = count or self.ctx.tasks
+        beside = None if bulk else services.redis_py_lpush(self.ctx.port, LPUSH_BESIDE)
         memory_before = self.ctx.used_memory()
         self.ctx.reset_stats()
         options = ["--count", str(count), *(["--bulk"] if bulk else [])]
         figures = self.client("enqueue", *options, deadline=self.limits["enqueue"])
         figures.update(per_task(self.ctx.command_calls(), count))
+        if beside is not None:
+            figures["lpush_beside_per_second"] = beside
+            if figures.get("status") == "ok":
+                figures["per_lpush_beside"] = figures["per_second"] / beside
         if self.lib.redis_broker:
             figures["redis_bytes_per_task"] = (self.ctx.used_memory() - memory_before) / count
         return figures
