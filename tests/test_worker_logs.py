@@ -13,6 +13,7 @@ from django.tasks.signals import task_finished, task_started
 from django_tasks.backend import get_backend
 from django_tasks.management.commands.runworker import Command
 from django_tasks.models import TaskResult
+from django_tasks.worker.execution import Short
 from django_tasks.worker.logs import LOG_FORMAT, WorkerFormatter, skip_unheard
 from tests.conftest import E2E
 from tests.testapp import tasks
@@ -66,6 +67,24 @@ def test_the_worker_formatter_writes_what_the_standard_one_writes() -> None:
     assert WorkerFormatter("%(asctime)s", datefmt="%H:%M").format(dated) == logging.Formatter(
         "%(asctime)s", datefmt="%H:%M"
     ).format(dated)
+
+
+def test_a_return_value_is_shown_cut_and_only_when_the_line_is_written() -> None:
+    assert str(Short({"a": [1, 2]})) == "{'a': [1, 2]}"
+    long = "x" * 500
+    assert str(Short(long)) == repr(long)[: Short.LIMIT] + "..."
+
+    class Counted:
+        made = 0
+
+        def __repr__(self) -> str:
+            Counted.made += 1
+            return "counted"
+
+    quiet = logging.getLogger("tests.quiet")
+    quiet.setLevel(logging.WARNING)
+    quiet.info("Task %s succeeded: %s", "x", Short(Counted()))
+    assert Counted.made == 0
 
 
 def test_django_task_records_are_skipped_where_no_handler_would_write_them(

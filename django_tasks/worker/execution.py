@@ -215,7 +215,7 @@ class Executor:
     def _succeeded(self, attempt: Attempt, value: Any) -> Outcome:
         message, row = attempt.message, attempt.row
         logger.info("Task %s[%s] succeeded in %.3fs: %s", message.task, message.id,
-                    attempt.elapsed(), _short(value))  # fmt: skip
+                    attempt.elapsed(), Short(value))  # fmt: skip
         row.state, row.result, row.date_done = TaskState.SUCCESS, value, timezone.now()
         _send(task_success, attempt.task, task_id=message.id, result=value)
         return self._finish(attempt, value)
@@ -416,9 +416,21 @@ def _aware(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, tz=UTC)
 
 
-def _short(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+class Short:
+    """A return value as the "succeeded" line shows it: its repr, cut after LIMIT characters.
+
+    The repr is made when the line is written, so a worker logging at WARNING makes none.
+    """
+
+    __slots__ = ("value",)
+    LIMIT = 200
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        text = repr(self.value)
+        return text if len(text) <= self.LIMIT else text[: self.LIMIT] + "..."
 
 
 def _send(signal: Signal, sender: DjangoTask, **kwargs: Any) -> None:
