@@ -371,7 +371,7 @@ class SlotMonitor(Monitor):
 
     def finished(self) -> None:
         with self.running.get_lock():
-            self.running.value = b""
+            self.running.value = b""  # Idle: what read() takes for no running task.
 
     def held(self, deliveries: list[Delivery]) -> None:
         described = [_describe(d) for d in deliveries]
@@ -379,7 +379,7 @@ class SlotMonitor(Monitor):
             _store(self.holding, [])  # Too many to describe: their leases will expire.
 
     def clear(self) -> None:
-        _store(self.running, None)
+        self.finished()
         _store(self.holding, [])
 
     def read(self) -> dict[str, Any]:
@@ -415,7 +415,7 @@ _SEPARATOR = "\x1f"
 
 def _running(data: bytes | None) -> dict[str, Any] | None:
     """The running task as SlotMonitor.started() wrote it (None when idle or unreadable)."""
-    if not data or data == b"null":
+    if not data:
         return None
     fields = data.decode().split(_SEPARATOR)
     if len(fields) != 7:
