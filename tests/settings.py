@@ -94,6 +94,7 @@ TASKS = {
             "DATABASE": os.environ.get("DT_TEST_BROKER_DATABASE", "default"),
             "ROUTES": {"tests.testapp.tasks.routed": {"queue": "hipri"}},
             "LEASE_SECONDS": float(os.environ.get("DT_TEST_LEASE_SECONDS", "30")),
+            "TRACK_STARTED_AFTER": float(os.environ.get("DT_TEST_TRACK_STARTED_AFTER", "0.1")),
             "IMPORTS": [
                 "tests.testapp.reliability_tasks",
                 *[m for m in os.environ.get("DT_TEST_IMPORTS", "").split(",") if m],

@@ -135,17 +135,42 @@ def test_runworker_skips_django_records_that_go_nowhere(
 
 #: A per-task line as runworker writes it (LOG_FORMAT), up to what follows the task id.
 LINE = (
-    r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}: INFO/[^\]]+\] "
-    r"Task tests\.testapp\.tasks\.add\[{id}\] "
+    r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}: INFO/[^\]]+\] "
+    r"Task tests\.testapp\.tasks\.{task}\[{id}\] "
 )
 
 
+def line(task: str, task_id: str) -> str:
+    return LINE.replace("{task}", task).replace("{id}", re.escape(task_id))
+
+
 @pytest.mark.e2e
-def test_a_worker_logs_each_task_received_and_succeeded(e2e: E2E) -> None:
-    worker = e2e.start_worker("-c", "1")
-    result = tasks.add.delay(1, 2)
-    assert result.get(timeout=20) == 3
+def test_a_worker_logs_how_each_task_ended_and_the_start_of_a_long_one(e2e: E2E) -> None:
+    worker = e2e.start_worker("-c", "1", TRACK_STARTED_AFTER=1.0)
+    quick = tasks.add.delay(1, 2)
+    assert quick.get(timeout=20) == 3
+    slow = tasks.sleep_then_record.delay("long", 1.5)
+    assert slow.get(timeout=20) == "long"
     log = worker.log()
-    line = LINE.replace("{id}", re.escape(result.id))
-    assert re.search(line + r"received$", log, re.M), log
-    assert re.search(line + r"succeeded in \d+\.\d{3}s: 3$", log, re.M), log
+    # A quick task: one line, how it ended.
+    quick_lines = re.findall(line("add", quick.id) + ".*$", log, re.M)
+    assert len(quick_lines) == 1, log
+    assert re.fullmatch(line("add", quick.id) + r"succeeded in \d+\.\d{3}s: 3", quick_lines[0])
+    # A long one once it has run TRACK_STARTED_AFTER seconds, while it runs, and as it ends.
+    slow_line = line("sleep_then_record", slow.id)
+    started = re.search(slow_line + r"started 1\.\ds ago, still running$", log, re.M)
+    ended = re.search(slow_line + r"succeeded in 1\.\d{3}s: 'long'$", log, re.M)
+    assert started and ended, log
+    assert started.start() < ended.start()
+
+
+@pytest.mark.e2e
+def test_with_track_started_after_0_every_start_is_logged_at_once(e2e: E2E) -> None:
+    worker = e2e.start_worker("-c", "1", TRACK_STARTED_AFTER=0)
+    result = tasks.add.delay(2, 3)
+    assert result.get(timeout=20) == 5
+    prefix = line("add", result.id)
+    lines = re.findall(prefix + ".*$", worker.log(), re.M)
+    assert len(lines) == 2, worker.log()
+    assert re.fullmatch(prefix + "started", lines[0])
+    assert re.fullmatch(prefix + r"succeeded in \d+\.\d{3}s: 5", lines[1])

@@ -50,6 +50,7 @@ def worker_env(options: dict[str, Any]) -> dict[str, str]:
         DT_TEST_BROKER_URL=options.get("BROKER_URL") or "",
         DT_TEST_BROKER_DATABASE=options.get("DATABASE", "default"),
         DT_TEST_LEASE_SECONDS=str(options.get("LEASE_SECONDS", 30)),
+        DT_TEST_TRACK_STARTED_AFTER=str(options.get("TRACK_STARTED_AFTER", 0.1)),
     )
     if options.get("IMPORTS"):
         env["DT_TEST_IMPORTS"] = ",".join(options["IMPORTS"])

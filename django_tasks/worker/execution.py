@@ -94,7 +94,8 @@ class Executor:
         self.thread_alarm = ThreadAlarm()
         self.track_started_after = backend.config.track_started_after
         self._started_lock = threading.Lock()
-        self._unrecorded: tuple[TaskResult, float] | None = None
+        #: The running task whose start is not recorded yet, and when it started.
+        self._unrecorded: tuple[Message, TaskResult | None, float] | None = None
         self._alarm_set = False  # A soft time limit's SIGALRM is pending.
 
     def execute(self, delivery: Delivery) -> Outcome:
@@ -130,10 +131,9 @@ class Executor:
 
     def _run(self, delivery: Delivery, task: DjangoTask, message: Message) -> Outcome:
         row = self._row(message, TaskState.STARTED)
-        if not _ignores_result(task):
-            self._track_started(row)
+        logger.debug("Task %s[%s] received", message.task, message.id)
+        self._track_started(message, None if _ignores_result(task) else row)
         attempt = Attempt(delivery, task, message, row, self.backend.to_django_result(row, task))
-        logger.info("Task %s[%s] received", message.task, message.id)
         task_started.send(type(self.backend), task_result=attempt.django_result)
         _send(task_prerun, task, task_id=message.id, task=task, args=message.args,
               kwargs=message.kwargs)  # fmt: skip
@@ -163,27 +163,41 @@ class Executor:
         elif soft is not None:
             self.thread_alarm.arm(soft)
 
-    def _track_started(self, row: TaskResult) -> None:
-        """Record the STARTED row now, or (by default) once the task has run a little while.
+    def _track_started(self, message: Message, row: TaskResult | None) -> None:
+        """Record the start of a task now, or (by default) once it has run a little while.
 
-        Most tasks finish in milliseconds: their row goes straight to its final state, which
-        saves a database write per task. The lease keeper writes the STARTED row of a task that
-        runs longer (record_started_if_due).
+        Recorded means a log line and the STARTED row (none for a task that ignores its result).
+        Most tasks finish in milliseconds: their row goes straight to its final state and their
+        one line in the log says how they ended, which saves a database write and a log line per
+        task. The lease keeper records a task that runs longer (record_started_if_due), so a
+        long or stuck task shows in the log and the admin while it runs.
         """
         if self.track_started_after <= 0:
-            self.store.save_started([row])
+            self._record_started(message, row, 0.0)
             return
         with self._started_lock:
-            self._unrecorded = (row, time.monotonic() + self.track_started_after)
+            self._unrecorded = (message, row, time.monotonic())
 
     def record_started_if_due(self) -> None:
-        """Write the STARTED row of the running task if it has run long enough (any thread)."""
+        """Record the start of the running task if it has run long enough (any thread)."""
         with self._started_lock:
-            if self._unrecorded is None or time.monotonic() < self._unrecorded[1]:
+            if self._unrecorded is None:
                 return
-            row, _due = self._unrecorded
+            message, row, since = self._unrecorded
+            running = time.monotonic() - since
+            if running < self.track_started_after:
+                return
             self._unrecorded = None
             # Under the lock: the task's final row cannot be written before this one.
+            self._record_started(message, row, running)
+
+    def _record_started(self, message: Message, row: TaskResult | None, running: float) -> None:
+        if running:
+            logger.info("Task %s[%s] started %.1fs ago, still running", message.task,
+                        message.id, running)  # fmt: skip
+        else:
+            logger.info("Task %s[%s] started", message.task, message.id)
+        if row is not None:
             self.store.save_started([row])
 
     def _end(self) -> None:
