@@ -155,19 +155,24 @@ def fetch(using: str, task_id: str) -> TaskResult | None:
     select = _select_by_id(using)
     with connections[using].cursor() as cursor:
         cursor.execute(select.sql, [task_id])
-        rows = cursor.fetchall()
-    for values in select.compiler.results_iter(results=[rows[:1]]):
-        return TaskResult.from_db(using, select.names, list(values))
-    return None
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    if select.converters:
+        [row] = select.compiler.apply_converters([row], select.converters)
+    return TaskResult.from_db(using, select.names, list(row))
 
 
 class _SelectById:
     def __init__(self, using: str) -> None:
-        query = TaskResult.objects.using(using).filter(pk="").query
+        query = TaskResult.objects.using(using).filter(pk="").order_by().query
         self.compiler = query.get_compiler(using)
         sql, _params = self.compiler.as_sql()
         self.sql = sql
         self.names = [f.attname for f in TaskResult._meta.concrete_fields]
+        # What results_iter() works out on every call: the converters of each column.
+        columns = [selected[0] for selected in self.compiler.select[: self.compiler.col_count]]
+        self.converters = self.compiler.get_converters(columns)
 
 
 _compiled = threading.local()
