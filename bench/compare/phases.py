@@ -314,8 +314,10 @@ class Session:
         }
 
     def latency(self) -> dict[str, Any]:
-        runs = str(self.ctx.latency_runs)
-        return self.client("latency", "--runs", runs, deadline=self.limits["latency"])
+        runs, idle = str(self.ctx.latency_runs), str(services.IDLE_SECONDS)
+        return self.client(
+            "latency", "--runs", runs, "--idle", idle, deadline=self.limits["latency"]
+        )
 
     def measure(self, pool: Pool, run: int) -> dict[str, Any]:
         """Every figure of one row (this library, this pool) for one run."""

@@ -6,6 +6,7 @@ import statistics
 from typing import Any
 
 from bench.compare.libraries import Library
+from bench.compare.services import IDLE_SECONDS
 
 #: figure -> (phase, key in that phase's figures)
 FIGURES: dict[str, tuple[str, str]] = {
@@ -193,6 +194,11 @@ def reference_table(reference: dict[str, Any]) -> str:
         lines.append(f"| {title} | {number(reference.get(key, '—'))} |")
     rt = reference.get("redis_py_round_trip_ms")
     lines.append(f"| redis-py round trip, ms | {number(rt, 3) if rt else '—'} |")
+    idle = reference.get("redis_py_after_idle_ms")
+    lines.append(
+        f"| redis-py round trip after {number(IDLE_SECONDS, 0)} s idle, ms "
+        f"| {number(idle, 3) if idle else '—'} |"
+    )
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -230,13 +231,41 @@ def redis_py_lpush(port: int, count: int, batch: int = 0) -> float:
         conn.close()
 
 
-def physical_reference(port: int) -> dict[str, Any]:
-    """The four reference rates, measured now on the same server."""
+#: How long the latency client sits idle before its last, separate round trip (the "after idle"
+#: figure); the physical reference pauses as long before its after-idle LPUSH.
+IDLE_SECONDS = 3.0
+
+
+def redis_py_lpush_after_idle(port: int, idle: float, samples: int = 3) -> float:
+    """Milliseconds of one redis-py LPUSH made after the client sat idle ``idle`` seconds.
+
+    The floor under every library's "after idle" round trip: a process (and, on a virtual
+    machine, its CPU) woken after a pause answers slower than a busy one, whatever the library.
+    The median of ``samples``, each after its own pause, on a connection made beforehand.
+    """
+    conn = client(port)
+    try:
+        conn.ping()
+        times = []
+        for _ in range(samples):
+            time.sleep(idle)
+            started = time.perf_counter()
+            conn.lpush("bench:reference", b"x")
+            times.append((time.perf_counter() - started) * 1000)
+        conn.delete("bench:reference")
+        return statistics.median(times)
+    finally:
+        conn.close()
+
+
+def physical_reference(port: int, idle: float = IDLE_SECONDS) -> dict[str, Any]:
+    """The reference rates and round trips, measured now on the same server."""
     figures: dict[str, Any] = {
         "redis_benchmark_lpush_c1": redis_benchmark(port),
         "redis_benchmark_lpush_c1_p100": redis_benchmark(port, pipeline=100),
         "redis_py_lpush_single": redis_py_lpush(port, 20_000),
         "redis_py_lpush_pipelined": redis_py_lpush(port, 100_000, batch=1000),
+        "redis_py_after_idle_ms": redis_py_lpush_after_idle(port, idle),
     }
     conn = client(port)
     conn.flushall()

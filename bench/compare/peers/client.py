@@ -33,7 +33,7 @@ from typing import Any
 
 #: Round trips made before the measured ones: the worker's pool may still be starting.
 WARMUP_RUNS = 5
-#: How long the worker sits idle before the last, separate round trip.
+#: How long the worker sits idle before the last, separate round trip (--idle overrides it).
 IDLE_SECONDS = 3.0
 #: Give up the latency phase after this many timeouts in a row: the worker is not answering.
 MAX_CONSECUTIVE_TIMEOUTS = 3
@@ -86,7 +86,9 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[rank - 1]
 
 
-def latency(adapter: ModuleType, runs: int, deadline: float) -> dict[str, Any]:
+def latency(
+    adapter: ModuleType, runs: int, deadline: float, idle: float = IDLE_SECONDS
+) -> dict[str, Any]:
     """``runs`` sequential round trips after a warm-up, then one after the worker sat idle."""
     stop_at = time.monotonic() + deadline
     for _ in range(WARMUP_RUNS):
@@ -126,7 +128,7 @@ def latency(adapter: ModuleType, runs: int, deadline: float) -> dict[str, Any]:
             max_ms=ordered[-1],
         )
     if status == "ok":
-        time.sleep(IDLE_SECONDS)
+        time.sleep(idle)
         result["after_idle_ms"] = timed_round_trip(adapter)
     return result
 
@@ -158,7 +160,7 @@ def run(adapter: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
         if args.bulk and adapter.enqueue_bulk is None:
             return {"status": "n/a", "detail": "no bulk API"}
         return enqueue(adapter, args.count, args.deadline, args.bulk)
-    return latency(adapter, args.runs, args.deadline)
+    return latency(adapter, args.runs, args.deadline, args.idle)
 
 
 def main() -> int:
@@ -169,6 +171,7 @@ def main() -> int:
     parser.add_argument("--bulk", action="store_true")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--deadline", type=float, default=60.0)
+    parser.add_argument("--idle", type=float, default=IDLE_SECONDS)
     args = parser.parse_args()
     adapter = importlib.import_module(args.adapter)
     figures = run(adapter, args)
