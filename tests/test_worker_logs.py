@@ -153,9 +153,10 @@ def test_a_worker_logs_how_each_task_ended_and_the_start_of_a_long_one(e2e: E2E)
     assert slow.get(timeout=20) == "long"
     log = worker.log()
     # A quick task: one line, how it ended.
-    quick_lines = re.findall(line("add", quick.id) + ".*$", log, re.M)
+    quick_line = line("add", quick.id)
+    quick_lines = re.findall(quick_line + ".*$", log, re.M)
     assert len(quick_lines) == 1, log
-    assert re.fullmatch(line("add", quick.id) + r"succeeded in \d+\.\d{3}s: 3", quick_lines[0])
+    assert re.fullmatch(quick_line + r"succeeded in \d+\.\d{3}s: 3", quick_lines[0])
     # A long one once it has run TRACK_STARTED_AFTER seconds, while it runs, and as it ends.
     slow_line = line("sleep_then_record", slow.id)
     started = re.search(slow_line + r"started 1\.\ds ago, still running$", log, re.M)
