@@ -14,7 +14,7 @@ import redis
 from redis.connection import AbstractConnection
 
 from django_tasks.brokers import Broker, Delivery, create_broker
-from django_tasks.brokers.redis import PURGE_CHUNK, RedisBroker
+from django_tasks.brokers.redis import ABSORB_LIMIT, PURGE_CHUNK, RedisBroker
 from django_tasks.conf import BackendConfig
 from django_tasks.exceptions import BrokerConnectionError
 from django_tasks.messages import Message, new_id
@@ -69,7 +69,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def blocked_consumers(client: redis.Redis) -> int:
-    return sum(1 for c in client.client_list() if c.get("cmd") == "blpop")
+    return sum(1 for c in client.client_list() if c.get("cmd") == "xread")
 
 
 def sleep_until(wall_time: float) -> None:
@@ -134,16 +134,71 @@ def test_one_batch_wakes_every_blocked_consumer(
         consumer.join(10)
     got = sorted(d.message.id for c in consumers for d in c.deliveries if d.message)
     assert got == sorted(m.id for m in sent)
-    # The second consumer is woken by the first (chain wake-up), not by its 1 s BLPOP cap.
+    # The second consumer is woken by the first (chain wake-up), not by its 1 s XREAD cap.
     assert max(c.returned_at for c in consumers) - published_at < 0.5
 
 
-def test_the_wake_up_list_holds_at_most_one_token(broker: RedisBroker, client: redis.Redis) -> None:
-    for _ in range(5):
-        broker.publish(message())
-    assert client.llen(broker.keys("default").signal) == 1
+def test_single_sends_and_batches_keep_publish_order(broker: RedisBroker) -> None:
+    # Single sends wait in the inbox; a batch sent meanwhile queues behind them, not ahead.
+    sent = [message() for _ in range(8)]
+    for each in sent[:3]:
+        broker.publish(each)
+    broker.publish_many(sent[3:6])
+    for each in sent[6:]:
+        broker.publish(each)
+    urgent = message(priority=5)
+    broker.publish(urgent)
+    got = broker.consume(["default"], 20, timeout=1)
+    assert [d.tag for d in got] == [urgent.id] + [m.id for m in sent]
+
+
+def test_a_message_still_in_the_inbox_is_seen_by_every_operation(
+    broker: RedisBroker, client: redis.Redis
+) -> None:
+    sent = [message() for _ in range(4)]
+    for each in sent:
+        broker.publish(each)
+    assert client.xlen(broker.keys("default").inbox) == 4  # No worker has absorbed them yet.
+    found = broker.find(sent[0].id, QUEUES)
+    assert found is not None and found.args == sent[0].args
+    assert broker.queue_lengths(["default"]) == {"default": 4}
+    assert broker.remove(sent[1].id, QUEUES)
+    broker.publish(another := message())
+    assert broker.revoke(another.id, QUEUES)
+    assert broker.purge("default") == 3
+    assert broker.queue_lengths(["default"]) == {"default": 0}
+    assert broker.consume(["default"], 10, timeout=0) == []
+
+
+def test_the_wake_up_marker_is_never_counted_and_never_piles_up(
+    broker: RedisBroker, client: redis.Redis
+) -> None:
+    inbox = broker.keys("default").inbox
+    broker.publish_many([message(), message()])  # Straight into ready, and one marker.
+    broker.publish_many([message(), message()])  # The inbox holds something: joins it.
+    broker.publish_many([message(eta=time.time() + 60)])  # A new earliest delayed message.
+    assert client.xlen(inbox) == 3
+    assert broker.queue_lengths(["default"]) == {"default": 5}
     broker.ack(broker.consume(["default"], 10, timeout=1))
-    assert client.llen(broker.keys("default").signal) == 0
+    assert client.xlen(inbox) == 0
+    assert broker.queue_lengths(["default"]) == {"default": 1}
+    assert broker.purge("default") == 1
+
+
+def test_find_remove_and_revoke_absorb_an_inbox_longer_than_one_chunk(
+    broker: RedisBroker,
+) -> None:
+    sent = [message() for _ in range(ABSORB_LIMIT * 2 + 10)]
+    for each in sent:
+        broker.publish(each)
+    last = sent[-1]
+    found = broker.find(last.id, QUEUES)
+    assert found is not None and found.id == last.id
+    assert broker.remove(sent[-2].id, QUEUES)
+    assert broker.revoke(sent[-3].id, QUEUES)
+    assert broker.queue_lengths(["default"]) == {"default": len(sent) - 2}
+    got = broker.consume(["default"], 5, timeout=0)
+    assert [d.tag for d in got] == [m.id for m in sent[:5]]
 
 
 def test_send_to_an_unreachable_redis_fails_fast_without_the_password() -> None:
@@ -307,7 +362,7 @@ def test_scripts_are_loaded_again_after_a_script_flush(
 def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
     make: Callable[..., RedisBroker], client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """BLPOP and the claim go out together: woken, the consumer has its message at once."""
+    """XREAD and the claim go out together: woken, the consumer has its message at once."""
     broker = make()
     broker.consume(["default"], 1, timeout=0)  # Connects and loads the scripts.
     sent_by: list[str] = []
@@ -315,7 +370,7 @@ def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
 
     def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
         packed = b"".join(command) if isinstance(command, list) else bytes(command)
-        if b"EVALSHA" in packed or b"BLPOP" in packed:  # Not a new connection's handshake.
+        if b"EVALSHA" in packed or b"XREAD" in packed:  # Not a new connection's handshake.
             sent_by.append(threading.current_thread().name)
         original(self, command, check_health)
 
@@ -326,7 +381,7 @@ def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
     make().publish(message())
     consumer.join(10)
     assert len(consumer.deliveries) == 1
-    assert sent_by.count(consumer.name) == 2  # The first claim, then BLPOP + claim.
+    assert sent_by.count(consumer.name) == 2  # The first claim, then XREAD + claim.
 
 
 def test_a_blocked_consumer_survives_a_script_flush(

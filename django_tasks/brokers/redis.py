@@ -1,18 +1,24 @@
-"""The Redis broker: queues kept in Redis, moved by Lua scripts, consumers woken by BLPOP.
+"""The Redis broker: queues kept in Redis, moved by Lua scripts, consumers woken by XREAD.
 
 The layout of the keys is described in redis_keys.py. Every operation that changes a queue is one
 Lua script touching the keys of that queue only (one hash slot), so it is atomic and costs one
-round trip. Lease deadlines and due times are compared with the Redis server clock (TIME), never a
-client's, so consumers on hosts with skewed clocks agree on when a lease has expired.
+round trip, with one exception: a single message sent on its own (every ``delay()``) is one XADD
+to the queue's inbox stream, with no script, about a third of the server time of a script. The
+scripts that read a queue absorb the inbox first, in publish order, into the message hash and the
+ready set, so every other operation sees the queue whole. Consumers block with XREAD until the
+inbox holds anything: a push, or the one wake-up marker a script adds when it makes messages
+ready by another way.
+
+Lease deadlines and due times are compared with the Redis server clock (TIME), never a client's,
+so consumers on hosts with skewed clocks agree on when a lease has expired.
 
 Redis round trips are the cost model of this module: each public method makes one (consume makes
-one per queue it looks at, plus one blocking BLPOP when there is nothing to do).
+one per queue it looks at, plus one blocking XREAD when there is nothing to do).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -41,7 +47,7 @@ from .redis_keys import QueueKeys, queue_keys, results_channel
 logger = logging.getLogger("django_tasks.brokers.redis")
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
-#: The longest a consumer blocks in BLPOP before looking at its queues again: expired leases of
+#: The longest a consumer blocks in XREAD before looking at its queues again: expired leases of
 #: dead workers and due delayed messages are noticed at the latest after this long.
 MAX_BLOCK = 1.0
 #: Expired leases and due delayed messages moved back to ready per queue and consume call. The
@@ -52,6 +58,10 @@ MOVE_LIMIT = 100
 PURGE_CHUNK = 5000
 #: The most messages one consume call leases (the scripts unpack() them: Lua caps that at 8000).
 CLAIM_LIMIT = 1000
+#: Inbox entries a script absorbs into msgs and ready before it does its own work (ABSORB in
+#: the Lua helpers). A script that must see every message (find, remove, revoke) is run again
+#: until the inbox is empty; a claim takes what a chunk made ready.
+ABSORB_LIMIT = 1000
 #: Seconds a revoked id is remembered, so that a delivery of it comes marked revoked (one leased
 #: at the revoke and redelivered, or one published after the revoke).
 REVOKED_KEEP = 86400
@@ -63,6 +73,7 @@ R = TypeVar("R")
 _LUA_HELPERS = """
 local PRIORITY_STEP = 17592186044416 -- 2^44: room for 2^44 sequence numbers per priority
 local CHUNK = 2000 -- arguments per variadic call, far below Lua's unpack() limit
+local ABSORB = 1000 -- inbox entries absorbed per script (ABSORB_LIMIT in redis.py)
 
 -- The server clock in milliseconds.
 local function server_ms()
@@ -121,15 +132,45 @@ local function owned(deliveries, first)
   return held, taken
 end
 
--- Leave one wake-up token for a blocked consumer; the list never holds more than one.
-local function wake(signal)
-  if redis.call('LLEN', signal) == 0 then redis.call('RPUSH', signal, 1) end
+-- Wake the blocked consumers of a queue: they wait (XREAD) for its inbox to hold anything. A
+-- marker goes only into an empty inbox, so there is never more than one, and it comes first.
+local function wake(inbox)
+  if redis.call('XLEN', inbox) == 0 then redis.call('XADD', inbox, '*', 'w', 1) end
+end
+
+-- Move up to ABSORB inbox entries, oldest first, into msgs and ready (behind the messages
+-- already ready, in publish order); a marker is dropped. Uses KEYS[1] msgs, KEYS[2] ready,
+-- KEYS[6] inbox and KEYS[7] seq. Returns true when the inbox is empty afterwards.
+local function absorb()
+  local entries = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', ABSORB)
+  local n = #entries
+  if n == 0 then return true end
+  local seq = redis.call('INCRBY', KEYS[7], n) - n
+  local bodies, ready, entry_ids = {}, {}, {}
+  for i, entry in ipairs(entries) do
+    entry_ids[i] = entry[1]
+    local fields = entry[2] -- id, <task id>, p, <priority>, b, <body>; a marker is w, 1
+    if fields[1] == 'id' and fields[5] == 'b' then
+      bodies[#bodies + 1] = fields[2]
+      bodies[#bodies + 1] = fields[6]
+      ready[#ready + 1] = ready_score(tonumber(fields[4]) or 0, seq + i)
+      ready[#ready + 1] = fields[2]
+    end
+  end
+  call_chunked('HSET', KEYS[1], bodies)
+  call_chunked('ZADD', KEYS[2], ready)
+  if n < ABSORB then -- that was all of it (nothing runs between two commands of a script)
+    redis.call('DEL', KEYS[6])
+    return true
+  end
+  call_chunked('XDEL', KEYS[6], entry_ids)
+  return redis.call('XLEN', KEYS[6]) == 0
 end
 """
 
 _LUA_KEYS = """\
 -- KEYS[1] msgs  KEYS[2] ready  KEYS[3] delayed  KEYS[4] leases  KEYS[5] deliveries
--- KEYS[6] signal  KEYS[7] seq  KEYS[8] revoked  (one queue; see redis_keys.py)
+-- KEYS[6] inbox  KEYS[7] seq  KEYS[8] revoked  (one queue; see redis_keys.py)
 """
 
 ENQUEUE_LUA = (
@@ -143,6 +184,8 @@ ENQUEUE_LUA = (
 -- ARGV[3..] four per message, in publish order: id, body, priority, eta in ms or ""
 -- Returns the number of messages stored: 0 when the message to replace is no longer the
 -- caller's (its lease expired and another consumer claimed it, or it is gone).
+-- Ready messages go behind the pushes not absorbed yet: while the inbox holds anything they
+-- join it, so that publish order holds; otherwise they go straight into ready.
 --@helpers
 local drop = ARGV[1]
 if drop ~= '' then
@@ -152,8 +195,9 @@ if drop ~= '' then
   redis.call('HDEL', KEYS[1], drop)
 end
 local n = (#ARGV - 2) / 4
--- One INCRBY reserves a sequence number per message (gaps left by delayed ones are harmless).
-local seq = redis.call('INCRBY', KEYS[7], n) - n
+local join = redis.call('XLEN', KEYS[6]) > 0
+-- One INCRBY reserves a sequence number per message (gaps left by the others are harmless).
+local seq = join and 0 or redis.call('INCRBY', KEYS[7], n) - n
 local now = nil
 local bodies, ready, delayed, delayed_ids = {}, {}, {}, {}
 for i = 3, #ARGV, 4 do
@@ -166,6 +210,8 @@ for i = 3, #ARGV, 4 do
     delayed[#delayed + 1] = eta
     delayed[#delayed + 1] = id
     delayed_ids[id] = true
+  elseif join then
+    redis.call('XADD', KEYS[6], '*', 'id', id, 'p', ARGV[i + 2], 'b', ARGV[i + 1])
   else
     ready[#ready + 1] = ready_score(tonumber(ARGV[i + 2]), seq)
     ready[#ready + 1] = id
@@ -185,18 +231,6 @@ return n
 """
 )
 
-PUSH_LUA = """\
--- push: store one message, ready at once. The common case of enqueue (one delay()), kept to
--- the fewest keys, arguments and commands: it runs for every task sent one by one.
--- KEYS[1] msgs  KEYS[2] ready  KEYS[3] signal  KEYS[4] seq  (one queue; see redis_keys.py)
--- ARGV[1] id  ARGV[2] body  ARGV[3] (100 - priority) * 2^44, the ready score less the sequence
-local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3] + seq, ARGV[1])
-if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
-return 1
-"""
-
 CLAIM_LUA = (
     """\
 -- claim: lease up to ARGV[1] messages of one queue to the caller.
@@ -210,6 +244,7 @@ CLAIM_LUA = (
 --@helpers
 local count, lease_ms, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = server_ms()
+absorb()
 
 -- Move the members of a sorted set whose score (eta or lease deadline) has passed into ready.
 local function move_due(source)
@@ -258,13 +293,9 @@ if #popped > 0 then
     redis.call('HSET', KEYS[5], unpack(deliveries))
   end
 end
--- Keep a token exactly while messages are ready: another idle consumer wakes for what is left
--- (chain wake-up), and no stale token wakes anybody for nothing.
-if #popped / 2 == count and redis.call('ZCARD', KEYS[2]) > 0 then
-  wake(KEYS[6])
-else
-  redis.call('DEL', KEYS[6])
-end
+-- Messages left ready: another idle consumer wakes for them (chain wake-up). A marker found
+-- in the inbox was absorbed above, so none is left to wake anybody for nothing.
+if #popped / 2 == count and redis.call('ZCARD', KEYS[2]) > 0 then wake(KEYS[6]) end
 if #result == 2 then
   local head = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
   if head[2] then result[2] = tonumber(head[2]) end
@@ -325,28 +356,43 @@ return taken
 
 PURGE_LUA = (
     """\
--- purge: delete up to ARGV[1] messages waiting in ready or delayed; leased ones are kept.
+-- purge: delete up to ARGV[1] entries waiting in the inbox, ready or delayed; leased messages
+-- are kept.
 """
     + _LUA_KEYS
     + """\
--- ARGV[1] the most messages to delete
--- Returns how many were deleted; fewer than ARGV[1] means none is left.
+-- ARGV[1] the most entries to delete
+-- Returns {how many messages were deleted, 1 if some may be left, else 0}.
 --@helpers
 local limit = tonumber(ARGV[1])
-local deleted = 0
+local deleted, taken = 0, 0 -- messages, and entries (a wake-up marker too)
+local entries = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', limit)
+if #entries > 0 then
+  local entry_ids = {}
+  for i, entry in ipairs(entries) do
+    entry_ids[i] = entry[1]
+    if entry[2][1] == 'id' then deleted = deleted + 1 end
+  end
+  if #entries < limit then
+    redis.call('DEL', KEYS[6])
+  else
+    call_chunked('XDEL', KEYS[6], entry_ids)
+  end
+  taken = #entries
+end
 for _, key in ipairs({KEYS[2], KEYS[3]}) do
-  if deleted < limit then
-    local ids = redis.call('ZRANGE', key, 0, limit - deleted - 1)
+  if taken < limit then
+    local ids = redis.call('ZRANGE', key, 0, limit - taken - 1)
     if #ids > 0 then
       redis.call('ZREMRANGEBYRANK', key, 0, #ids - 1)
       call_chunked('HDEL', KEYS[1], ids)
       call_chunked('HDEL', KEYS[5], ids)
       deleted = deleted + #ids
+      taken = taken + #ids
     end
   end
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[6]) end
-return deleted
+return {deleted, taken == limit and 1 or 0}
 """
 )
 
@@ -357,7 +403,10 @@ REMOVE_LUA = (
     + _LUA_KEYS
     + """\
 -- ARGV[1] the task id
--- Returns 1 if the message was deleted, 0 if it is leased or not in this queue.
+-- Returns 1 if the message was deleted, 0 if it is leased or not in this queue, -1 if the
+-- inbox still holds entries after a chunk was absorbed (run it again).
+--@helpers
+if not absorb() then return -1 end
 local id = ARGV[1]
 if redis.call('ZSCORE', KEYS[4], id) then return 0 end
 if redis.call('ZREM', KEYS[2], id) + redis.call('ZREM', KEYS[3], id) == 0 then return 0 end
@@ -375,8 +424,10 @@ REVOKE_LUA = (
     + """\
 -- ARGV[1] the task id  ARGV[2] how long revoked ids are remembered, in ms
 -- A leased message is kept, and so is one not here yet (published later, e.g. on commit): the
--- claim script marks their deliveries revoked. Returns 1 if the message was deleted, else 0.
+-- claim script marks their deliveries revoked. Returns 1 if the message was deleted, else 0;
+-- -1 if the inbox still holds entries after a chunk was absorbed (run it again).
 --@helpers
+if not absorb() then return -1 end
 local id, keep = ARGV[1], tonumber(ARGV[2])
 local now = server_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - keep)
@@ -414,23 +465,22 @@ return taken
 """
 )
 
-WAKE_LUA = (
+FIND_LUA = (
     """\
--- wake: leave a wake-up token for a blocked consumer of one queue.
+-- find: the body of a message of one queue, waiting, delayed or leased.
 """
     + _LUA_KEYS
     + """\
--- ARGV none
+-- ARGV[1] the task id
+-- Returns the body (nil if absent), or -1 if it was not found and the inbox still holds entries
+-- after a chunk was absorbed (run it again).
 --@helpers
-wake(KEYS[6])
-return 1
+local body = redis.call('HGET', KEYS[1], ARGV[1])
+if body then return body end
+if not absorb() then return -1 end
+return redis.call('HGET', KEYS[1], ARGV[1])
 """
 )
-
-
-#: The ready score of a message is (100 - priority) * PRIORITY_STEP + its sequence number.
-PRIORITY_STEP = 2**44
-_PUSH_SHA = hashlib.sha1(PUSH_LUA.encode(), usedforsecurity=False).hexdigest()
 
 
 def _lua(source: str) -> str:
@@ -453,7 +503,7 @@ class _Scripts:
         self.purge = client.register_script(_lua(PURGE_LUA))
         self.remove = client.register_script(_lua(REMOVE_LUA))
         self.revoke = client.register_script(_lua(REVOKE_LUA))
-        self.wake = client.register_script(_lua(WAKE_LUA))
+        self.find = client.register_script(_lua(FIND_LUA))
         self.ack = client.register_script(_lua(ACK_LUA))
 
 
@@ -494,7 +544,6 @@ class RedisBroker(Broker):
         # The client and its scripts, made together on first use (None after close()).
         self._connection: tuple[redis.Redis, _Scripts] | None = None
         self._keys: dict[str, QueueKeys] = {}
-        self._push_keys: dict[str, tuple[str, str, str, str]] = {}
         self._local = threading.local()
         self._own_connections: weakref.WeakSet[redis.Connection] = weakref.WeakSet()
         self._lease_ms = math.ceil(config.lease_seconds * 1000)
@@ -634,18 +683,13 @@ class RedisBroker(Broker):
             self._run_per_queue(self.scripts.enqueue, calls)
 
     def _push(self, message: Message, body: str) -> None:
-        """One message ready at once, with the short PUSH_LUA script."""
-        keys = self._push_keys.get(message.queue)
-        if keys is None:
-            queue = self.keys(message.queue)
-            keys = self._push_keys[message.queue] = (
-                queue.msgs,
-                queue.ready,
-                queue.signal,
-                queue.seq,
-            )
-        args = (message.id, body, (100 - message.priority) * PRIORITY_STEP)
-        self._evalsha(_PUSH_SHA, PUSH_LUA, keys, args)
+        """One message ready at once: one XADD to the queue's inbox, which wakes its consumers.
+
+        The next script to read the queue moves it into msgs and ready (absorb in the Lua
+        helpers). Durable from the reply on, like any other write.
+        """
+        inbox = self.keys(message.queue).inbox
+        self._call("XADD", inbox, "*", "id", message.id, "p", message.priority, "b", body)
 
     def _call(self, *args: Any) -> Any:
         """One command on this thread's connection: ``client.execute_command()`` without hooks.
@@ -698,33 +742,26 @@ class RedisBroker(Broker):
             return []
         count = min(count, CLAIM_LIMIT)
         deadline = time.monotonic() + max(0.0, timeout)
-        deliveries, pause = self._claim(queues, count, None)
+        deliveries, pause = self._claim(queues, count)
         while not deliveries and (remaining := deadline - time.monotonic()) > 0:
             deliveries, pause = self._block_then_claim(
                 queues, count, min(remaining, pause, self._block_cap)
             )
         return deliveries
 
-    def _claim(
-        self, queues: Sequence[str], count: int, woken: str | None
-    ) -> tuple[list[Delivery], float]:
+    def _claim(self, queues: Sequence[str], count: int) -> tuple[list[Delivery], float]:
         """Claim from the queues in order until ``count`` messages are leased.
 
         Returns the deliveries, and how long the caller may sleep when there are none: until the
-        earliest delayed message is due. ``woken`` is the queue whose wake-up token this consumer
-        took; when the claim stops before that queue, the token is passed on.
+        earliest delayed message is due.
         """
         deliveries: list[Delivery] = []
         pause = math.inf
-        visited: set[str] = set()
         for queue in queues:
             if len(deliveries) >= count:
                 break
-            visited.add(queue)
             reply = self._run(self.scripts.claim, queue, self._claim_args(count - len(deliveries)))
             pause = min(pause, self._read_claim(queue, reply, deliveries))
-        if woken is not None and woken not in visited:
-            self._run(self.scripts.wake, woken, [])
         return deliveries, pause
 
     def _claim_args(self, count: int) -> list[int]:
@@ -742,41 +779,41 @@ class RedisBroker(Broker):
     def _block_then_claim(
         self, queues: Sequence[str], count: int, seconds: float
     ) -> tuple[list[Delivery], float]:
-        """Wait for a wake-up token, then claim: one round trip for both on the first queue.
+        """Wait up to ``seconds`` for an inbox to hold anything, then claim: one round trip for
+        both on the first queue.
 
-        BLPOP and the claim of the first queue go in one pipeline; Redis runs the claim as soon
-        as BLPOP returns (or times out), so a woken consumer has its messages without asking
-        again. The other queues, if any, are claimed after.
+        XREAD (from the start of each inbox, so it returns at once while any holds an entry) and
+        the claim of the first queue go in one pipeline; Redis runs the claim as soon as XREAD
+        returns (or times out), so a woken consumer has its messages without asking again. The
+        other queues, if any, are claimed after. XREAD only reads: every blocked consumer wakes,
+        and those that find nothing left block again.
 
-        BLPOP on keys of several hash slots works on a single Redis; on Redis Cluster the queues
+        XREAD on keys of several hash slots works on a single Redis; on Redis Cluster the queues
         one worker consumes must share a hash tag (see redis_keys.py).
         """
-        signals = {self.keys(queue).signal: queue for queue in queues}
         first = queues[0]
         keys = self.keys(first)
         pipe = self.client.pipeline(transaction=False)
         # Whole milliseconds, and never 0, which would mean "block forever".
-        pipe.blpop(list(signals), timeout=max(0.001, round(seconds, 3)))
+        pipe.xread(
+            {self.keys(queue).inbox: "0-0" for queue in queues},
+            count=1,
+            block=max(1, round(seconds * 1000)),
+        )
         pipe.execute_command(
             "EVALSHA", self.scripts.claim.sha, len(keys), *keys, *self._claim_args(count)
         )
-        popped, reply = pipe.execute(raise_on_error=False)
-        if isinstance(popped, Exception):
-            raise popped
-        woken = None
-        if popped is not None:
-            key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
-            woken = signals.get(key)
+        woken, reply = pipe.execute(raise_on_error=False)
+        if isinstance(woken, Exception):
+            raise woken
         if isinstance(reply, NoScriptError):  # Redis was restarted or flushed its scripts.
-            return self._claim(queues, count, woken)
+            return self._claim(queues, count)
         if isinstance(reply, Exception):
             raise reply
         deliveries: list[Delivery] = []
         pause = self._read_claim(first, reply, deliveries)
         if len(queues) > 1 and len(deliveries) < count:
-            more, later = self._claim(
-                queues[1:], count - len(deliveries), None if woken == first else woken
-            )
+            more, later = self._claim(queues[1:], count - len(deliveries))
             deliveries += more
             pause = min(pause, later)
         return deliveries, pause
@@ -887,39 +924,46 @@ class RedisBroker(Broker):
 
     @_translate_errors("count messages")
     def queue_lengths(self, queues: Sequence[str]) -> dict[str, int]:
-        """Ready, delayed and leased messages per queue, in one round trip."""
+        """Waiting (in the inbox or ready), delayed and leased messages per queue, in one round
+        trip."""
         pipe = self.client.pipeline(transaction=False)
         for queue in queues:
             keys = self.keys(queue)
             pipe.zcard(keys.ready)
             pipe.zcard(keys.delayed)
             pipe.zcard(keys.leases)
-        counts = pipe.execute()
-        return {queue: sum(counts[3 * i : 3 * i + 3]) for i, queue in enumerate(queues)}
+            pipe.xlen(keys.inbox)
+            pipe.xrange(keys.inbox, count=1)  # A wake-up marker, if any, is the first entry.
+        replies = pipe.execute()
+        lengths = {}
+        for i, queue in enumerate(queues):
+            ready, delayed, leased, inbox, head = replies[5 * i : 5 * i + 5]
+            marker = bool(head) and _is_marker(head[0][1])
+            lengths[queue] = ready + delayed + leased + inbox - marker
+        return lengths
 
     @_translate_errors("purge a queue")
     def purge(self, queue: str) -> int:
-        """Delete the ready and delayed messages of ``queue``; return how many.
+        """Delete the waiting and delayed messages of ``queue``; return how many.
 
         Each script deletes at most PURGE_CHUNK messages, so that a long queue does not stall
         Redis; a message published meanwhile may be deleted too, as if it came before the purge.
         """
         total = 0
         while True:
-            deleted = int(self._run(self.scripts.purge, queue, [PURGE_CHUNK]))
-            total += deleted
-            if deleted < PURGE_CHUNK:
+            deleted, more = self._run(self.scripts.purge, queue, [PURGE_CHUNK])
+            total += int(deleted)
+            if not int(more):
                 return total
 
     @_translate_errors("find a message")
     def find(self, task_id: str, queues: Sequence[str]) -> Message | None:
-        """The waiting, delayed or leased message of ``task_id``; None if absent or unreadable."""
-        if not queues:
-            return None
-        pipe = self.client.pipeline(transaction=False)
-        for queue in queues:
-            pipe.hget(self.keys(queue).msgs, task_id)
-        for body in pipe.execute():
+        """The waiting, delayed or leased message of ``task_id``; None if absent or unreadable.
+
+        One script per queue, all in one round trip (more while an inbox is longer than
+        ABSORB_LIMIT: its entries are absorbed first).
+        """
+        for body in self._until_absorbed(self.scripts.find, queues, [task_id]):
             if body is not None:
                 try:
                     return decode(body, self.config.max_message_size)
@@ -927,28 +971,38 @@ class RedisBroker(Broker):
                     return None
         return None
 
+    def _until_absorbed(self, script: Script, queues: Sequence[str], args: list[Any]) -> list[Any]:
+        """Run ``script`` per queue, again for those that answer -1 (their inbox holds more).
+
+        Absorbing is the work consumers do anyway: each run moves ABSORB_LIMIT entries, many
+        times what a producer pushes in the same time, so the loop ends.
+        """
+        pending = list(dict.fromkeys(queues))
+        replies: dict[str, Any] = {}
+        while pending:
+            answers = self._run_per_queue(script, {queue: args for queue in pending})
+            replies.update(zip(pending, answers, strict=True))
+            pending = [q for q, a in zip(pending, answers, strict=True) if a == -1]
+        return [replies[queue] for queue in dict.fromkeys(queues)]
+
     @_translate_errors("remove a message")
     def remove(self, task_id: str, queues: Sequence[str]) -> bool:
         """Delete the waiting or delayed message of ``task_id``; a leased one is kept.
 
-        One script per queue, all in one round trip.
+        One script per queue, all in one round trip (see find() for long inboxes).
         """
-        calls = {queue: [task_id] for queue in dict.fromkeys(queues)}
-        if not calls:
-            return False
-        return any(int(removed) for removed in self._run_per_queue(self.scripts.remove, calls))
+        replies = self._until_absorbed(self.scripts.remove, queues, [task_id])
+        return any(int(removed) == 1 for removed in replies)
 
     @_translate_errors("revoke a message")
     def revoke(self, task_id: str, queues: Sequence[str]) -> bool:
         """Delete the waiting message of ``task_id``, or mark its later deliveries revoked.
 
         Revoked ids are remembered for REVOKED_KEEP seconds. One script per queue, all in one
-        round trip.
+        round trip (see find() for long inboxes).
         """
-        calls = {queue: [task_id, REVOKED_KEEP * 1000] for queue in dict.fromkeys(queues)}
-        if not calls:
-            return False
-        return any(int(removed) for removed in self._run_per_queue(self.scripts.revoke, calls))
+        replies = self._until_absorbed(self.scripts.revoke, queues, [task_id, REVOKED_KEEP * 1000])
+        return any(int(removed) == 1 for removed in replies)
 
     # Result notifications.
 
@@ -1019,6 +1073,11 @@ def _enqueue_args(
     # Rounded up: a message is never due before its eta, even by a fraction of a millisecond.
     eta_ms: int | str = "" if eta is None else math.ceil(eta * 1000)
     return message.id, body, message.priority, eta_ms
+
+
+def _is_marker(fields: dict[bytes, bytes]) -> bool:
+    """Whether the fields of an inbox entry are those of the wake-up marker (not a message)."""
+    return b"id" not in fields
 
 
 def _held_by_queue(deliveries: Iterable[Delivery]) -> dict[str, list[str | int]]:

@@ -8,7 +8,9 @@ braces, see conf.py), so each Lua script of the broker touches a single hash slo
     dt:{default}:delayed     sorted set   task id, score eta in milliseconds
     dt:{default}:leases      sorted set   task id, score lease deadline in ms (Redis server time)
     dt:{default}:deliveries  hash         task id -> delivery count
-    dt:{default}:signal      list         at most one wake-up token for blocked consumers
+    dt:{default}:inbox       stream       messages pushed one at a time, not yet in msgs/ready
+                                          (fields id, p priority, b body), or one wake-up
+                                          marker (field w); consumers block on it with XREAD
     dt:{default}:seq         string       counter giving FIFO order within a priority
     dt:{default}:revoked     sorted set   revoked task ids, score the revoke time in ms (kept a day)
     dt:results               pub/sub      channel of result notifications (JSON list of ids)
@@ -27,7 +29,7 @@ class QueueKeys(NamedTuple):
     delayed: str
     leases: str
     deliveries: str
-    signal: str
+    inbox: str
     seq: str
     revoked: str
 
