@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from django.tasks.signals import task_finished, task_started
 
 from django_tasks.backend import get_backend
+from django_tasks.brokers import Delivery
 from django_tasks.management.commands.runworker import Command
+from django_tasks.messages import Message, new_id
 from django_tasks.models import TaskResult
-from django_tasks.worker.execution import Short
+from django_tasks.states import TaskState
+from django_tasks.worker.execution import Executor, Outcome, Short
 from django_tasks.worker.logs import LOG_FORMAT, WorkerFormatter, skip_unheard
 from tests.conftest import E2E
 from tests.testapp import tasks
@@ -175,3 +179,96 @@ def test_with_track_started_after_0_every_start_is_logged_at_once(e2e: E2E) -> N
     assert len(lines) == 2, worker.log()
     assert re.fullmatch(prefix + "started", lines[0])
     assert re.fullmatch(prefix + r"succeeded in \d+\.\d{3}s: 5", lines[1])
+
+
+@contextmanager
+def only_djangos_receivers() -> Iterator[None]:
+    """Take the test app's receivers off Django's task signals: only Django's own are left."""
+    from tests.testapp.receivers import on_django_signal
+
+    for signal in (task_started, task_finished):
+        assert signal.disconnect(on_django_signal)
+    try:
+        yield
+    finally:
+        for signal in (task_started, task_finished):
+            signal.connect(on_django_signal)
+
+
+class Counting:
+    """Counts the calls of Django's signal sends and of the Django TaskResults made for them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[str] = []
+        self.made = 0
+        for name, signal in (("started", task_started), ("finished", task_finished)):
+            monkeypatch.setattr(signal, "send", self._send(name, signal.send))
+        backend_type = type(get_backend())
+        original = backend_type.to_django_result
+
+        def to_django_result(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            self.made += 1
+            return original(backend, *args, **kwargs)
+
+        monkeypatch.setattr(backend_type, "to_django_result", to_django_result)
+
+    def _send(self, name: str, send: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.sent.append(name)
+            return send(*args, **kwargs)
+
+        return counted
+
+
+def execute(task: Any, *args: Any) -> Outcome:
+    """Run one call of ``task`` through a worker's executor, in this process."""
+    message = Message(id=new_id(), task=task.name, args=list(args))
+    delivery = Delivery(tag=message.id, queue="default", body="", message=message)
+    return Executor(get_backend(), "test-worker").execute(delivery)
+
+
+@pytest.mark.django_db
+def test_django_task_signals_nobody_hears_are_not_made(
+    django_tasks_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = Counting(monkeypatch)
+    errors = Collect(logging.ERROR)
+    django_tasks_logger.addHandler(errors)
+    django_tasks_logger.setLevel(logging.INFO + 1)  # As runworker leaves it with no handler.
+    with only_djangos_receivers():
+        assert execute(tasks.add, 1, 2).state == TaskState.SUCCESS
+        assert counting.sent == [] and counting.made == 0
+        # A task that takes its context still gets Django's TaskResult in it.
+        outcome = execute(tasks.django_attempt, "v")
+        assert outcome.row is not None and outcome.row.result["id"] == outcome.delivery.tag
+        assert counting.sent == [] and counting.made == 1
+        # A failure is sent all the same: Django's receiver logs it at ERROR, with the traceback.
+        failed = execute(tasks.observed_failure)
+        assert failed.state == TaskState.FAILURE
+        assert counting.sent == ["finished"]
+        [record] = errors.records
+        assert record.getMessage() == (
+            f"Task id={failed.delivery.tag} path={tasks.observed_failure.name} state=FAILED"
+        )
+        assert record.exc_info and record.exc_info[0] is tasks.CustomError
+
+
+@pytest.mark.django_db
+def test_django_task_signals_are_sent_to_any_other_receiver_or_heard_log(
+    django_tasks_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = Counting(monkeypatch)
+    django_tasks_logger.setLevel(logging.INFO + 1)
+    assert execute(tasks.observed).state == TaskState.SUCCESS  # The test app's receivers.
+    assert counting.sent == ["started", "finished"]
+    counting.sent.clear()
+    collect = Collect(logging.INFO)
+    django_tasks_logger.addHandler(collect)
+    django_tasks_logger.setLevel(logging.NOTSET)
+    with only_djangos_receivers():
+        outcome = execute(tasks.add, 1, 2)
+    assert counting.sent == ["started", "finished"]
+    assert [r.getMessage() for r in collect.records] == [
+        f"Task id={outcome.delivery.tag} path={tasks.add.name} state={state}"
+        for state in ("RUNNING", "SUCCESSFUL")
+    ]
