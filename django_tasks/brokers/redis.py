@@ -138,6 +138,13 @@ local function wake(inbox)
   if redis.call('XLEN', inbox) == 0 then redis.call('XADD', inbox, '*', 'w', 1) end
 end
 
+-- Whether the inbox holds a message, not just a wake marker (which only ever comes first).
+local function holds_messages(inbox)
+  local n = redis.call('XLEN', inbox)
+  if n ~= 1 then return n > 1 end
+  return redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)[1][2][1] ~= 'w'
+end
+
 -- Move up to ABSORB inbox entries, oldest first, into msgs and ready (behind the messages
 -- already ready, in publish order); a marker is dropped. Uses KEYS[1] msgs, KEYS[2] ready,
 -- KEYS[6] inbox and KEYS[7] seq. Returns true when the inbox is empty afterwards.
@@ -184,8 +191,9 @@ ENQUEUE_LUA = (
 -- ARGV[3..] four per message, in publish order: id, body, priority, eta in ms or ""
 -- Returns the number of messages stored: 0 when the message to replace is no longer the
 -- caller's (its lease expired and another consumer claimed it, or it is gone).
--- Ready messages go behind the pushes not absorbed yet: while the inbox holds anything they
--- join it, so that publish order holds; otherwise they go straight into ready.
+-- Ready messages go behind the pushes not absorbed yet: while the inbox holds a message they
+-- join it, so that publish order holds; otherwise (empty, or only a wake marker) they go
+-- straight into ready.
 --@helpers
 local drop = ARGV[1]
 if drop ~= '' then
@@ -195,7 +203,7 @@ if drop ~= '' then
   redis.call('HDEL', KEYS[1], drop)
 end
 local n = (#ARGV - 2) / 4
-local join = redis.call('XLEN', KEYS[6]) > 0
+local join = holds_messages(KEYS[6])
 -- One INCRBY reserves a sequence number per message (gaps left by the others are harmless).
 local seq = join and 0 or redis.call('INCRBY', KEYS[7], n) - n
 local now = nil
