@@ -188,6 +188,31 @@ def test_the_wake_up_marker_is_never_counted_and_never_piles_up(
     assert broker.purge("default") == 1
 
 
+def test_find_remove_and_revoke_leave_a_wake_up_for_the_messages_they_absorb(
+    broker: RedisBroker, client: redis.Redis
+) -> None:
+    # A consumer that found nothing to claim blocks on XREAD of the inbox next. When another
+    # script has meanwhile moved the inbox into ready, the inbox must not be left empty, or that
+    # consumer sleeps out its block while messages wait.
+    keys = broker.keys("default")
+    operations: list[Callable[[str], object]] = [
+        lambda task_id: broker.find(task_id, QUEUES),
+        lambda task_id: broker.remove(task_id, QUEUES),
+        lambda task_id: broker.revoke(task_id, QUEUES),
+    ]
+    for operation in operations:
+        sent = [message(), message()]
+        for each in sent:
+            broker.publish(each)
+        assert operation(sent[-1].id)
+        assert client.zcard(keys.ready) >= 1
+        assert client.xread({keys.inbox: "0-0"}, count=1, block=100), "the inbox was left empty"
+        got = broker.consume(["default"], 10, timeout=1)
+        assert sent[0].id in [d.tag for d in got]
+        broker.ack(got)
+        assert broker.consume(["default"], 10, timeout=0) == []
+
+
 def test_find_remove_and_revoke_absorb_an_inbox_longer_than_one_chunk(
     broker: RedisBroker,
 ) -> None:

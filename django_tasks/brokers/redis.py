@@ -147,8 +147,10 @@ end
 
 -- Move up to ABSORB inbox entries, oldest first, into msgs and ready (behind the messages
 -- already ready, in publish order); a marker is dropped. Uses KEYS[1] msgs, KEYS[2] ready,
--- KEYS[6] inbox and KEYS[7] seq. Returns true when the inbox is empty afterwards.
-local function absorb()
+-- KEYS[6] inbox and KEYS[7] seq. Returns true when no message is left in the inbox.
+-- keep_awake (any script but claim): once the inbox is emptied, a marker goes back in while
+-- messages are ready, so that a consumer about to block on the inbox still wakes for them.
+local function absorb(keep_awake)
   local entries = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', ABSORB)
   local n = #entries
   if n == 0 then return true end
@@ -166,12 +168,15 @@ local function absorb()
   end
   call_chunked('HSET', KEYS[1], bodies)
   call_chunked('ZADD', KEYS[2], ready)
+  local empty = true
   if n < ABSORB then -- that was all of it (nothing runs between two commands of a script)
     redis.call('DEL', KEYS[6])
-    return true
+  else
+    call_chunked('XDEL', KEYS[6], entry_ids)
+    empty = redis.call('XLEN', KEYS[6]) == 0
   end
-  call_chunked('XDEL', KEYS[6], entry_ids)
-  return redis.call('XLEN', KEYS[6]) == 0
+  if empty and keep_awake and redis.call('ZCARD', KEYS[2]) > 0 then wake(KEYS[6]) end
+  return empty
 end
 """
 
@@ -414,7 +419,7 @@ REMOVE_LUA = (
 -- Returns 1 if the message was deleted, 0 if it is leased or not in this queue, -1 if the
 -- inbox still holds entries after a chunk was absorbed (run it again).
 --@helpers
-if not absorb() then return -1 end
+if not absorb(true) then return -1 end
 local id = ARGV[1]
 if redis.call('ZSCORE', KEYS[4], id) then return 0 end
 if redis.call('ZREM', KEYS[2], id) + redis.call('ZREM', KEYS[3], id) == 0 then return 0 end
@@ -435,7 +440,7 @@ REVOKE_LUA = (
 -- claim script marks their deliveries revoked. Returns 1 if the message was deleted, else 0;
 -- -1 if the inbox still holds entries after a chunk was absorbed (run it again).
 --@helpers
-if not absorb() then return -1 end
+if not absorb(true) then return -1 end
 local id, keep = ARGV[1], tonumber(ARGV[2])
 local now = server_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - keep)
@@ -485,7 +490,7 @@ FIND_LUA = (
 --@helpers
 local body = redis.call('HGET', KEYS[1], ARGV[1])
 if body then return body end
-if not absorb() then return -1 end
+if not absorb(true) then return -1 end
 return redis.call('HGET', KEYS[1], ARGV[1])
 """
 )
