@@ -32,6 +32,8 @@ class AsyncResult:
         self.backend_alias = backend
         self.task_name = task_name
         self._row: TaskResult | None = None
+        #: Broker.result_mark() taken before this process sent the task, or None.
+        self._sent: object | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult: {self.id}>"
@@ -126,10 +128,20 @@ class AsyncResult:
     def _wait(self, timeout: float | None) -> TaskResult:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.backend.broker.result_waiter(self.id) as waiter:
+            # A task sent by this process and not announced yet has not finished: wait first,
+            # and save a read of the store (see notifications.py).
+            unread = (
+                self._sent is not None
+                and (self._row is None or self._row.state not in READY_STATES)
+                and waiter.unannounced_since(self._sent)
+            )
             while True:
-                row = self._fetch()
-                if row is not None and row.state in READY_STATES:
-                    return row
+                if not unread:
+                    row = self._fetch()
+                    if row is not None and row.state in READY_STATES:
+                        self._sent = None
+                        return row
+                unread = False
                 remaining = 1.0 if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"Task {self.id} did not finish within {timeout} s.")
@@ -170,7 +182,10 @@ class AsyncResult:
             message=message,
         )
         self._row = None
+        self._sent = None
         backend.broker.revoke(self.id, queues)
+        # Wake callers waiting for it: a task revoked before it ran has no worker to announce it.
+        backend.broker.notify_results([self.id])
 
     def forget(self) -> None:
         """Delete the stored result."""

@@ -210,7 +210,10 @@ class Task(DjangoTask):
                         raise InvalidTask(f"{option} must be a positive number of seconds.")
                     headers[option] = float(value)
 
-        message = self.get_backend().send(
+        backend = self.get_backend()
+        # Before sending: the result's get() may then skip its first read of the store.
+        sent = backend.broker.result_mark() if task_id is None else None
+        message = backend.send(
             self,
             list(args or ()),
             dict(kwargs or {}),
@@ -223,7 +226,9 @@ class Task(DjangoTask):
             on_commit=on_commit,
             headers=headers or None,
         )
-        return AsyncResult(message.id, backend=self.backend, task_name=self.name)
+        result = AsyncResult(message.id, backend=self.backend, task_name=self.name)
+        result._sent = sent
+        return result
 
     def delay_many(self, calls: Iterable[tuple[Any, ...] | list[Any]]) -> list[AsyncResult]:
         """Queue one call per argument tuple in ``calls``, in one round trip to the broker.
@@ -250,8 +255,13 @@ class Task(DjangoTask):
         if "task_id" in options:
             raise InvalidTask("apply_many() gives each call its own id: task_id is not accepted.")
         batch = [(list(args), dict(kwargs)) for args, kwargs in calls]
-        messages = self.get_backend().send_many(self, batch, on_commit=on_commit, **options)
-        return [AsyncResult(m.id, backend=self.backend, task_name=self.name) for m in messages]
+        backend = self.get_backend()
+        sent = backend.broker.result_mark()
+        messages = backend.send_many(self, batch, on_commit=on_commit, **options)
+        results = [AsyncResult(m.id, backend=self.backend, task_name=self.name) for m in messages]
+        for result in results:
+            result._sent = sent
+        return results
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         from .result import AsyncResult

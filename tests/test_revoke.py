@@ -181,10 +181,11 @@ def test_revoke_on_the_database_broker_takes_four_queries(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_revoke_on_redis_takes_two_round_trips(
+def test_revoke_on_redis_takes_three_round_trips(
     redis_url: str, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """find, then the remove script of every queue in one MULTI/EXEC (plus two queries)."""
+    """find, the remove script of every queue in one MULTI/EXEC, the announcement (and two
+    queries)."""
     settings.TASKS = tasks_setting({"BROKER_URL": redis_url})
     result = tasks.add.delay(1, 2)
     get_backend().broker.queue_lengths(["default"])  # Connects the pool (a handshake of its own).
@@ -198,6 +199,6 @@ def test_revoke_on_redis_takes_two_round_trips(
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
     result.revoke()
     monkeypatch.undo()
-    assert len(sent) == 2
+    assert len(sent) == 3
     assert result.state == TaskState.REVOKED
     assert get_backend().broker.find(result.id, ["default"]) is None

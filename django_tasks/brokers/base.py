@@ -161,6 +161,13 @@ class Broker(ABC):
         """
         return PollingWaiter()
 
+    def result_mark(self) -> object | None:
+        """Taken before sending a message, for ``ResultWaiter.unannounced_since()``; or None.
+
+        Default: None (a waiting caller reads the store before it first waits).
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027
         """Release connections. The broker may be used again afterwards."""
 
@@ -176,6 +183,14 @@ class ResultWaiter:
     def wait(self, timeout: float) -> None:
         """Block until a notification arrives or ``timeout`` seconds pass."""
         raise NotImplementedError
+
+    def unannounced_since(self, mark: object) -> bool:
+        """Whether a task sent after ``Broker.result_mark()`` gave ``mark`` is surely unannounced.
+
+        True lets the caller wait before it first reads the store: the task has not finished,
+        or its announcement is still on its way to this waiter. Default: False (not known).
+        """
+        return False
 
     def close(self) -> None:
         """Release what the waiter holds."""

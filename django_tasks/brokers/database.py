@@ -582,6 +582,11 @@ class DatabaseBroker(Broker):
             return PollingWaiter()
         return self._notifications.waiter(task_id)
 
+    def result_mark(self) -> object | None:
+        """The subscription's mark, once this process has one (see notifications.py)."""
+        hub = self.__dict__.get("_notifications")
+        return None if hub is None else hub.mark()
+
     @cached_property
     def _notifications(self) -> NotificationHub:
         return NotificationHub(

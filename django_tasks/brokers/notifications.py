@@ -11,7 +11,11 @@ the reader wakes them, and one of them reads next. A lone caller, the usual case
 kernel straight from its own socket.
 
 A caller registers before it first reads the result store, and the subscription is live by then,
-so no announcement made after that read is missed. While there is no subscription (the broker is
+so no announcement made after that read is missed. A caller waiting for a task its own process
+sent need not read the store first at all: the hub remembers the ids it has read lately, and a
+``mark()`` taken before the message went out tells whether every announcement since then is one
+the hub still remembers (see ``unannounced()``); if so and the id is not among them, the task has
+not finished, and the caller waits straight away. While there is no subscription (the broker is
 unreachable), waiters poll the store instead: slower, never wrong; the subscription is tried again
 after RETRY_AFTER seconds. When a subscription is lost, every waiter is woken, since announcements
 may have been missed: a spurious wake-up only costs the caller one more read of the store.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +38,11 @@ logger = logging.getLogger("django_tasks.brokers")
 
 #: Seconds before subscribing again after a failure; waiters poll meanwhile.
 RETRY_AFTER = 1.0
+#: How many announced ids a hub remembers, for unannounced().
+REMEMBERED = 4096
+
+#: Where a hub's subscription stood when a message was sent: (hub token, epoch, reads).
+Mark = tuple[str, int, int]
 
 
 class Subscription(Protocol):
@@ -62,6 +72,13 @@ class NotificationHub:
         self._retry_at = 0.0
         self._reading = False
         self._waiters: dict[str, set[HubWaiter]] = {}
+        # For mark() and unannounced(). The epoch changes whenever announcements may have been
+        # missed (a new or lost subscription); reads counts the reads of the subscription.
+        self._token = secrets.token_hex(8)
+        self._epoch = 0
+        self._reads = 0
+        self._announced: dict[str, int] = {}  # id -> the read that brought it, oldest first
+        self._forgotten = 0  # the latest read whose ids are no longer all in _announced
 
     def waiter(self, task_id: str) -> ResultWaiter:
         """A waiter for ``task_id``, registered (and the subscription live) when this returns."""
@@ -77,9 +94,40 @@ class NotificationHub:
         """Drop the subscription; the next waiter subscribes again."""
         with self._cond:
             subscription, self._subscription = self._subscription, None
+            self._epoch += 1
             self._wake_all()
         if subscription is not None and not self._reading:
             _close_quietly(subscription)
+
+    def mark(self) -> Mark | None:
+        """Where the subscription stands now, or None when there is none (no hub is made).
+
+        Taken before a message is sent; unannounced() compares it with later.
+        """
+        with self._cond:
+            self._forget_if_forked()
+            if self._subscription is None:
+                return None
+            return self._token, self._epoch, self._reads
+
+    def unannounced(self, task_id: str, mark: Mark) -> bool:
+        """Whether ``task_id`` is certainly not announced yet, for a message sent after ``mark``.
+
+        True when the subscription has not changed since the mark (no announcement can have
+        been missed), every id it brought since then is still remembered, and ``task_id`` is
+        not one of them. Its announcement is then still to be read, and wakes a waiter
+        registered before this call. False means "maybe": the caller reads the store.
+        """
+        token, epoch, reads = mark
+        with self._cond:
+            self._forget_if_forked()
+            return (
+                token == self._token
+                and epoch == self._epoch
+                and self._subscription is not None
+                and self._forgotten <= reads
+                and task_id not in self._announced
+            )
 
     # Waiting (called by HubWaiter.wait).
 
@@ -112,11 +160,13 @@ class NotificationHub:
         finally:
             self._cond.acquire()
             self._reading = False
+        self._reads += 1
         if error is not None:
             logger.warning("Lost the result notifications at %s (%s); waiting callers poll the "
                            "result store until it is back.", self.name, error)  # fmt: skip
             if self._subscription is subscription:
                 self._subscription = None
+                self._epoch += 1
                 self._retry_at = time.monotonic() + RETRY_AFTER
             _close_quietly(subscription)
             self._wake_all()
@@ -125,12 +175,22 @@ class NotificationHub:
             _close_quietly(subscription)
         for task_ids in announced:
             if task_ids is None:
+                self._epoch += 1
                 self._wake_all()
                 continue
             for task_id in task_ids:
+                self._remember(task_id)
                 for waiter in self._waiters.get(task_id, ()):
                     waiter.woken = True
         self._cond.notify_all()  # The woken ones return; one of the others reads next.
+
+    def _remember(self, task_id: str) -> None:
+        announced = self._announced
+        announced.pop(task_id, None)  # Again: it moves to the end, the newest.
+        announced[task_id] = self._reads
+        if len(announced) > REMEMBERED:
+            oldest = next(iter(announced))
+            self._forgotten = announced.pop(oldest)
 
     def discard(self, waiter: HubWaiter) -> None:
         with self._cond:
@@ -155,6 +215,7 @@ class NotificationHub:
     # Connecting (with the lock held).
 
     def _connect(self) -> None:
+        self._epoch += 1  # What was announced before this subscription was missed.
         try:
             self._subscription = self.subscribe()
         except Exception as exc:
@@ -169,6 +230,8 @@ class NotificationHub:
             self._subscription = None
             self._reading = False
             self._waiters = {}
+            self._token = secrets.token_hex(8)
+            self._announced = {}
 
     def _wake_all(self) -> None:
         for waiters in self._waiters.values():
@@ -194,6 +257,9 @@ class HubWaiter(ResultWaiter):
         elif not self.hub.resubscribe():
             self._polling.wait(timeout)
         # Resubscribed: return at once, so that the caller reads the store after that.
+
+    def unannounced_since(self, mark: object) -> bool:
+        return isinstance(mark, tuple) and self.hub.unannounced(self.task_id, mark)
 
     def close(self) -> None:
         self.hub.discard(self)

@@ -1029,6 +1029,11 @@ class RedisBroker(Broker):
         """A waiter woken when ``task_id`` is announced, through this process's subscription."""
         return self._notifications.waiter(task_id)
 
+    def result_mark(self) -> object | None:
+        """The subscription's mark, once this process has one (see notifications.py)."""
+        hub = self.__dict__.get("_notifications")
+        return None if hub is None else hub.mark()
+
     @functools.cached_property
     def _notifications(self) -> NotificationHub:
         return NotificationHub(
