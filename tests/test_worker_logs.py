@@ -224,7 +224,10 @@ def execute(task: Any, *args: Any) -> Outcome:
     """Run one call of ``task`` through a worker's executor, in this process."""
     message = Message(id=new_id(), task=task.name, args=list(args))
     delivery = Delivery(tag=message.id, queue="default", body="", message=message)
-    return Executor(get_backend(), "test-worker").execute(delivery)
+    executor = Executor(get_backend(), "test-worker")
+    outcome = executor.execute(delivery)
+    executor.write_log()  # As the consumer does before it stores the results.
+    return outcome
 
 
 @pytest.mark.django_db
@@ -272,3 +275,40 @@ def test_django_task_signals_are_sent_to_any_other_receiver_or_heard_log(
         f"Task id={outcome.delivery.tag} path={tasks.add.name} state={state}"
         for state in ("RUNNING", "SUCCESSFUL")
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_task_of_a_batch_gets_its_line_before_its_result_is_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The "succeeded" lines of a batch are written in run order, before its results are stored."""
+    from django_tasks.results.store import ResultStore
+    from django_tasks.worker.consumer import Consumer
+
+    results = tasks.add.delay_many([(i, 1) for i in range(30)])
+    worker_logger = logging.getLogger("django_tasks.worker")
+    collect = Collect(logging.INFO)
+    stores: list[tuple[int, int]] = []  # (lines written, results stored) at each store
+    save_finished = ResultStore.save_finished
+
+    def noting(store: ResultStore, rows: Any) -> None:
+        stored = (stores[-1][1] if stores else 0) + len(rows)
+        stores.append((len(collect.records), stored))
+        save_finished(store, rows)
+
+    monkeypatch.setattr(ResultStore, "save_finished", noting)
+    level = worker_logger.level
+    worker_logger.setLevel(logging.INFO)
+    worker_logger.addHandler(collect)
+    try:
+        Consumer(get_backend(), ["default"], "test-0", burst=True).run()
+    finally:
+        worker_logger.removeHandler(collect)
+        worker_logger.setLevel(level)
+    lines = [r.getMessage() for r in collect.records]
+    pattern = r"Task {}\[{}\] succeeded in \d+\.\d{{3}}s: {}"
+    assert len(lines) == len(results)
+    for n, (result, text) in enumerate(zip(results, lines, strict=True)):
+        assert re.fullmatch(pattern.format(re.escape(tasks.add.name), result.id, n + 1), text)
+    assert stores[-1][1] == len(results)
+    assert all(written >= stored for written, stored in stores)

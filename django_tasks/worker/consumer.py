@@ -250,6 +250,7 @@ class Consumer:
         held, so the lease keeper renews their leases as soon as the broker answers again); a
         second stop signal (Abort) gives up, and the leases bring the tasks back.
         """
+        self.executor.write_log()
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -356,6 +357,7 @@ class Consumer:
 
     def _flush_quietly(self) -> None:
         """One attempt at storing what finished while aborting: no retries here."""
+        self.executor.write_log()
         pending, self._pending = self._pending, []
         if not pending:
             return
