@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from django.db import connections
 from django.test.utils import CaptureQueriesContext
 
@@ -11,7 +12,8 @@ from django_tasks import TaskState
 from django_tasks.backend import TasksBackend
 from django_tasks.brokers import Broker, Delivery
 from django_tasks.models import TaskResult
-from django_tasks.worker.consumer import Consumer, Prefetch
+from django_tasks.worker.consumer import Consumer, Prefetch, refresh_idle_connections
+from tests.conftest import require_postgres
 from tests.testapp import tasks
 
 
@@ -124,3 +126,33 @@ def test_a_pool_process_reports_its_running_task_to_the_parent() -> None:
     assert monitor.read()["running"]["deadline"] is None
     monitor.finished()
     assert monitor.read()["running"] is None
+
+
+@pytest.mark.django_db(databases=["default", "postgres"], transaction=True)
+def test_an_idle_consumer_checks_its_database_connections_before_the_next_task() -> None:
+    """With CONN_HEALTH_CHECKS, the check runs while idle, and a dead connection is replaced."""
+    require_postgres()
+    connection = connections["postgres"]
+    saved = dict(connection.settings_dict)
+    # Persistent connections, checked for health, as production sites run them.
+    connection.settings_dict.update(CONN_HEALTH_CHECKS=True, CONN_MAX_AGE=600)
+    try:
+        connection.close()
+        connection.ensure_connection()
+        assert connection.health_check_enabled
+        refresh_idle_connections()
+        # Done now: the next query (the next task's) needs no SELECT 1 first.
+        assert connection.connection is not None and connection.health_check_done
+        pid = connection.connection.info.backend_pid
+        killer = connection.copy()  # Another connection ends this one's server process.
+        with killer.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        killer.close()
+        refresh_idle_connections()  # The dead connection is found and closed while idle...
+        assert connection.connection is None
+        with connection.cursor() as cursor:  # ...so the next task's first query just works.
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
+    finally:
+        connection.close()
+        connection.settings_dict.update(saved)

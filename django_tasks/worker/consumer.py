@@ -8,6 +8,7 @@ waiting callers are notified. A crash between the commit and the ack runs a task
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -146,7 +147,7 @@ class Consumer:
                 continue
             backoff = BACKOFF[0]
             if not deliveries:
-                close_old_connections()
+                refresh_idle_connections()
                 if self.burst:
                     return
                 continue
@@ -457,3 +458,20 @@ def close_broken_connections() -> None:
     for connection in connections.all(initialized_only=True):
         if connection.errors_occurred:
             connection.close_if_unusable_or_obsolete()
+
+
+def refresh_idle_connections() -> None:
+    """What Django does between two requests, and the health checks it arms, done now.
+
+    An idle consumer calls it after each empty consume: connections past CONN_MAX_AGE (or
+    unusable) are closed. Where CONN_HEALTH_CHECKS is on, Django checks each persistent
+    connection before its next query (a ``SELECT 1`` on PostgreSQL); run here, while nothing
+    waits, the check no longer delays the first task after a pause, which then costs one round
+    trip to the database less.
+    """
+    close_old_connections()
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is not None:
+            # A failed check closes the connection: the next query connects again.
+            with contextlib.suppress(DatabaseError):
+                connection.close_if_health_check_failed()
