@@ -69,7 +69,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def blocked_consumers(client: redis.Redis) -> int:
-    return sum(1 for c in client.client_list() if c.get("cmd") == "xread")
+    return sum(1 for c in client.client_list() if c.get("cmd") == "xreadgroup")
 
 
 def sleep_until(wall_time: float) -> None:
@@ -390,9 +390,10 @@ def test_scripts_are_loaded_again_after_a_script_flush(
 def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
     make: Callable[..., RedisBroker], client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """XREAD and the claim go out together: woken, the consumer has its message at once."""
+    """XREADGROUP and the claim go out together: woken, the consumer has its message at once."""
     broker = make()
-    broker.consume(["default"], 1, timeout=0)  # Connects and loads the scripts.
+    # Connects, loads the scripts and makes the inbox's consumer group (a first wait does).
+    broker.consume(["default"], 1, timeout=0.05)
     sent_by: list[str] = []
     original = AbstractConnection.send_packed_command
 
@@ -409,7 +410,7 @@ def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
     make().publish(message())
     consumer.join(10)
     assert len(consumer.deliveries) == 1
-    assert sent_by.count(consumer.name) == 2  # The first claim, then XREAD + claim.
+    assert sent_by.count(consumer.name) == 2  # The first claim, then XREADGROUP + claim.
 
 
 def test_a_blocked_consumer_survives_a_script_flush(
@@ -520,3 +521,43 @@ def test_a_lost_subscription_wakes_the_waiters_and_comes_back(
         started = time.monotonic()
         waiter.wait(10)
         assert time.monotonic() - started < 1
+
+
+def test_one_push_wakes_one_blocked_consumer_not_all(
+    make: Callable[..., RedisBroker], client: redis.Redis
+) -> None:
+    """Idle consumers are not all woken (each to claim nothing) by every single message."""
+    make().consume(["default"], 1, timeout=0.05)  # The inbox's consumer group exists.
+    consumers = [Consumer(make(), ["default"]) for _ in range(3)]
+    for consumer in consumers:
+        consumer.start()
+    wait_for(lambda: blocked_consumers(client) == 3)
+    client.config_resetstat()
+    sent = message()
+    make().publish(sent)
+    wait_for(lambda: any(c.deliveries for c in consumers))
+    # Redis ran the claim of every consumer it woke before it answered any of them.
+    claims = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    assert claims == 1
+    assert blocked_consumers(client) == 2
+    later = [message(), message()]
+    for each in later:  # One each for the consumers still waiting.
+        make().publish(each)
+    for consumer in consumers:
+        consumer.join(10)
+    got = sorted(d.message.id for c in consumers for d in c.deliveries if d.message)
+    assert got == sorted(m.id for m in [sent, *later])
+
+
+def test_a_blocked_consumer_survives_its_inbox_being_deleted(
+    make: Callable[..., RedisBroker], client: redis.Redis
+) -> None:
+    broker = make()
+    consumer = Consumer(broker, ["default"])
+    consumer.start()
+    wait_for(lambda: blocked_consumers(client) == 1)
+    client.delete(broker.keys("default").inbox)  # Its consumer group goes with it.
+    sent = message()
+    make().publish(sent)
+    consumer.join(10)
+    assert [d.message.id for d in consumer.deliveries if d.message] == [sent.id]

@@ -1,19 +1,22 @@
-"""The Redis broker: queues kept in Redis, moved by Lua scripts, consumers woken by XREAD.
+"""The Redis broker: queues kept in Redis, moved by Lua scripts, consumers woken by XREADGROUP.
 
 The layout of the keys is described in redis_keys.py. Every operation that changes a queue is one
 Lua script touching the keys of that queue only (one hash slot), so it is atomic and costs one
 round trip, with one exception: a single message sent on its own (every ``delay()``) is one XADD
 to the queue's inbox stream, with no script, about a third of the server time of a script. The
 scripts that read a queue absorb the inbox first, in publish order, into the message hash and the
-ready set, so every other operation sees the queue whole. Consumers block with XREAD until the
-inbox holds anything: a push, or the one wake-up marker a script adds when it makes messages
-ready by another way.
+ready set, so every other operation sees the queue whole. Consumers block on the inbox until it
+receives anything: a push, or the one wake-up marker a script adds when it makes messages ready by
+another way. They read it through a consumer group (XREADGROUP ... NOACK), which hands each new
+entry to one blocked consumer only: one push wakes one consumer, not all of them, and a consumer
+that leaves messages ready wakes the next (the claim script's chain wake-up). The inbox entries
+stay where they are until a script absorbs them; the group only says who was woken.
 
 Lease deadlines and due times are compared with the Redis server clock (TIME), never a client's,
 so consumers on hosts with skewed clocks agree on when a lease has expired.
 
 Redis round trips are the cost model of this module: each public method makes one (consume makes
-one per queue it looks at, plus one blocking XREAD when there is nothing to do).
+one per queue it looks at, plus one blocking XREADGROUP when there is nothing to do).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .redis_keys import QueueKeys, queue_keys, results_channel
 logger = logging.getLogger("django_tasks.brokers.redis")
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
-#: The longest a consumer blocks in XREAD before looking at its queues again: expired leases of
+#: The longest a consumer blocks in XREADGROUP before looking at its queues again: expired leases of
 #: dead workers and due delayed messages are noticed at the latest after this long.
 MAX_BLOCK = 1.0
 #: Expired leases and due delayed messages moved back to ready per queue and consume call. The
@@ -58,6 +61,12 @@ MOVE_LIMIT = 100
 PURGE_CHUNK = 5000
 #: The most messages one consume call leases (the scripts unpack() them: Lua caps that at 8000).
 CLAIM_LIMIT = 1000
+#: The consumer group through which consumers wait on an inbox, and the one consumer name they
+#: all read as: with NOACK the group keeps no pending entries, only what it has handed out.
+WAKE_GROUP = "wake"
+WAKE_CONSUMER = "any"
+#: The errors of XREADGROUP on an inbox without the group: none yet, or deleted while waiting.
+_NO_GROUP = ("NOGROUP", "UNBLOCKED")
 #: Inbox entries a script absorbs into msgs and ready before it does its own work (ABSORB in
 #: the Lua helpers). A script that must see every message (find, remove, revoke) is run again
 #: until the inbox is empty; a claim takes what a chunk made ready.
@@ -132,8 +141,8 @@ local function owned(deliveries, first)
   return held, taken
 end
 
--- Wake the blocked consumers of a queue: they wait (XREAD) for its inbox to hold anything. A
--- marker goes only into an empty inbox, so there is never more than one, and it comes first.
+-- Wake a blocked consumer of a queue: they wait (XREADGROUP) for a new inbox entry. A marker
+-- goes only into an empty inbox, so there is never more than one, and it comes first.
 local function wake(inbox)
   if redis.call('XLEN', inbox) == 0 then redis.call('XADD', inbox, '*', 'w', 1) end
 end
@@ -170,7 +179,7 @@ local function absorb(keep_awake)
   call_chunked('ZADD', KEYS[2], ready)
   local empty = true
   if n < ABSORB then -- that was all of it (nothing runs between two commands of a script)
-    redis.call('DEL', KEYS[6])
+    redis.call('XTRIM', KEYS[6], 'MAXLEN', 0) -- not DEL: the consumer group stays
   else
     call_chunked('XDEL', KEYS[6], entry_ids)
     empty = redis.call('XLEN', KEYS[6]) == 0
@@ -387,7 +396,7 @@ if #entries > 0 then
     if entry[2][1] == 'id' then deleted = deleted + 1 end
   end
   if #entries < limit then
-    redis.call('DEL', KEYS[6])
+    redis.call('XTRIM', KEYS[6], 'MAXLEN', 0) -- not DEL: the consumer group stays
   else
     call_chunked('XDEL', KEYS[6], entry_ids)
   end
@@ -792,32 +801,37 @@ class RedisBroker(Broker):
     def _block_then_claim(
         self, queues: Sequence[str], count: int, seconds: float
     ) -> tuple[list[Delivery], float]:
-        """Wait up to ``seconds`` for an inbox to hold anything, then claim: one round trip for
-        both on the first queue.
+        """Wait up to ``seconds`` for a new inbox entry, then claim: one round trip for both on
+        the first queue.
 
-        XREAD (from the start of each inbox, so it returns at once while any holds an entry) and
-        the claim of the first queue go in one pipeline; Redis runs the claim as soon as XREAD
-        returns (or times out), so a woken consumer has its messages without asking again. The
-        other queues, if any, are claimed after. XREAD only reads: every blocked consumer wakes,
-        and those that find nothing left block again.
+        XREADGROUP and the claim of the first queue go in one pipeline; Redis runs the claim as
+        soon as XREADGROUP returns (or times out), so a woken consumer has its messages without
+        asking again. The other queues, if any, are claimed after. The group hands each new
+        entry to one blocked consumer: the others sleep on. An entry that arrived while nobody
+        waited is handed to the next consumer that does, which returns at once.
 
-        XREAD on keys of several hash slots works on a single Redis; on Redis Cluster the queues
-        one worker consumes must share a hash tag (see redis_keys.py).
+        The keys of several hash slots work on a single Redis; on Redis Cluster the queues one
+        worker consumes must share a hash tag (see redis_keys.py).
         """
         first = queues[0]
         keys = self.keys(first)
+        inboxes = [self.keys(queue).inbox for queue in queues]
         pipe = self.client.pipeline(transaction=False)
         # Whole milliseconds, and never 0, which would mean "block forever".
-        pipe.xread(
-            {self.keys(queue).inbox: "0-0" for queue in queues},
-            count=1,
-            block=max(1, round(seconds * 1000)),
-        )
+        pipe.execute_command(
+            "XREADGROUP", "GROUP", WAKE_GROUP, WAKE_CONSUMER, "COUNT", 1,
+            "BLOCK", max(1, round(seconds * 1000)), "NOACK",
+            "STREAMS", *inboxes, *[">"] * len(inboxes),
+        )  # fmt: skip
         pipe.execute_command(
             "EVALSHA", self.scripts.claim.sha, len(keys), *keys, *self._claim_args(count)
         )
         woken, reply = pipe.execute(raise_on_error=False)
-        if isinstance(woken, Exception):
+        if isinstance(woken, redis.ResponseError) and str(woken).startswith(_NO_GROUP):
+            # A new queue, or its inbox was deleted (a flush) before or while this consumer
+            # waited: make the groups again. The claim ran all the same.
+            self._make_wake_groups(inboxes)
+        elif isinstance(woken, Exception):
             raise woken
         if isinstance(reply, NoScriptError):  # Redis was restarted or flushed its scripts.
             return self._claim(queues, count)
@@ -830,6 +844,18 @@ class RedisBroker(Broker):
             deliveries += more
             pause = min(pause, later)
         return deliveries, pause
+
+    def _make_wake_groups(self, inboxes: Sequence[str]) -> None:
+        """Create the wake group on each inbox (and the inbox, if missing) where it is missing.
+
+        From the start of the inbox: entries already there wake the next consumer that waits.
+        """
+        for inbox in inboxes:
+            try:
+                self.client.xgroup_create(inbox, WAKE_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("BUSYGROUP"):  # Made meanwhile by another consumer.
+                    raise
 
     def _delivery(self, queue: str, tag: bytes, body: bytes, count: int) -> Delivery:
         """A Delivery; an undecodable body comes with its error, for the caller to dead-letter."""

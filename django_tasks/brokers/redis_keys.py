@@ -10,7 +10,8 @@ braces, see conf.py), so each Lua script of the broker touches a single hash slo
     dt:{default}:deliveries  hash         task id -> delivery count
     dt:{default}:inbox       stream       messages pushed one at a time, not yet in msgs/ready
                                           (fields id, p priority, b body), or one wake-up
-                                          marker (field w); consumers block on it with XREAD
+                                          marker (field w); consumers block on it with
+                                          XREADGROUP through its consumer group "wake"
     dt:{default}:seq         string       counter giving FIFO order within a priority
     dt:{default}:revoked     sorted set   revoked task ids, score the revoke time in ms (kept a day)
     dt:results               pub/sub      channel of result notifications (JSON list of ids)
