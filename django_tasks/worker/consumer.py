@@ -1,9 +1,9 @@
 """A consumer: takes deliveries from the broker, runs them one at a time, stores, acks.
 
 Each pool child (or pool thread) runs one Consumer, so tasks never pass through the parent. The
-order after running a batch is fixed: results are committed, then the deliveries are acked, then
-waiting callers are notified. A crash between the commit and the ack runs a task again
-(at-least-once); it never loses one.
+order after running a batch is fixed: the "succeeded" lines are written, results are committed,
+then the deliveries are acked, then waiting callers are notified. A crash between the commit and
+the ack runs a task again (at-least-once); it never loses one.
 """
 
 from __future__ import annotations
