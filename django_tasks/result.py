@@ -139,7 +139,6 @@ class AsyncResult:
                 if not unread:
                     row = self._fetch()
                     if row is not None and row.state in READY_STATES:
-                        self._sent = None
                         return row
                 unread = False
                 remaining = 1.0 if deadline is None else deadline - time.monotonic()
