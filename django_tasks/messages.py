@@ -94,17 +94,59 @@ def encode(message: Message, max_size: int | None = None) -> str:
     try:
         body = _encoder.encode(message.to_dict())
     except (TypeError, ValueError) as exc:
-        raise EncodeError(
-            f"The arguments of task {message.task!r} are not JSON-serialisable: {exc}. "
-            "Pass plain data (str, int, float, bool, None, lists and dicts), e.g. a model's "
-            "primary key instead of the instance."
-        ) from exc
+        raise _not_serialisable(message, exc) from exc
+    return _size_checked(message, body, max_size)
+
+
+def _not_serialisable(message: Message, exc: Exception) -> EncodeError:
+    return EncodeError(
+        f"The arguments of task {message.task!r} are not JSON-serialisable: {exc}. "
+        "Pass plain data (str, int, float, bool, None, lists and dicts), e.g. a model's "
+        "primary key instead of the instance."
+    )
+
+
+def _size_checked(message: Message, body: str, max_size: int | None) -> str:
     if max_size is not None and len(body) > max_size and len(body.encode()) > max_size:
         raise MessageTooLarge(
             f"The message for task {message.task!r} is {len(body.encode())} bytes, over the "
             f"limit of {max_size} bytes (OPTIONS['MAX_MESSAGE_SIZE'])."
         )
     return body
+
+
+class EnvelopeTemplate:
+    """encode() for the messages of one task sent without options, its fixed parts encoded once.
+
+    A message whose task, queue and priority are the template's, and whose other fields but
+    id, args, kwargs and enqueued_at hold their defaults, encodes to the very text encode()
+    gives (the same keys in the same order): only the arguments go through the JSON encoder,
+    and none at all when there are none. Every ``delay()`` is such a message.
+    """
+
+    __slots__ = ("_after_id", "_after_kwargs", "_tail", "max_size")
+
+    def __init__(self, task: str, queue: str, priority: int, max_size: int | None) -> None:
+        fixed = _encoder.encode
+        self._after_id = f'","task":{fixed(task)},"args":'
+        self._after_kwargs = f',"queue":{fixed(queue)},"enqueued_at":'
+        self._tail = f',"priority":{fixed(priority)}}}' if priority else "}"
+        self.max_size = max_size
+
+    def encode(self, message: Message) -> str:
+        """The JSON text of ``message``; raise EncodeError or MessageTooLarge as encode() does."""
+        try:
+            args = _encoder.encode(message.args) if message.args else "[]"
+            kwargs = _encoder.encode(message.kwargs) if message.kwargs else "{}"
+        except (TypeError, ValueError) as exc:
+            raise _not_serialisable(message, exc) from exc
+        # The id is new_id()'s (hex digits and dashes) and enqueued_at a finite float, whose
+        # repr() is the JSON encoder's text for it.
+        body = (
+            f'{{"v":{PROTOCOL_VERSION},"id":"{message.id}{self._after_id}{args},"kwargs":'
+            f"{kwargs}{self._after_kwargs}{message.enqueued_at!r}{self._tail}"
+        )
+        return _size_checked(message, body, self.max_size)
 
 
 # Field name -> (accepted types, required). bool is excluded from numbers below.

@@ -171,7 +171,9 @@ class Task(DjangoTask):
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Queue the task with these arguments; return its AsyncResult at once."""
-        return self.apply_async(args, kwargs)
+        if type(self).apply_async is not Task.apply_async:  # A subclass's sees every call.
+            return self.apply_async(args, kwargs)
+        return self.get_backend().delay(self, args, kwargs)
 
     def apply_async(
         self,
@@ -197,8 +199,6 @@ class Task(DjangoTask):
         ``on_commit`` (Redis broker) overrides OPTIONS["PUBLISH_ON_COMMIT"]; ``time_limit`` and
         ``soft_time_limit`` (seconds) override the task's for this call.
         """
-        from .result import AsyncResult
-
         headers = dict(headers) if headers else {}
         if time_limit is not None or soft_time_limit is not None:
             for option, value in (
@@ -226,9 +226,7 @@ class Task(DjangoTask):
             on_commit=on_commit,
             headers=headers or None,
         )
-        result = AsyncResult(message.id, backend=self.backend, task_name=self.name)
-        result._sent = sent
-        return result
+        return backend.sent_result(message, sent)
 
     def delay_many(self, calls: Iterable[tuple[Any, ...] | list[Any]]) -> list[AsyncResult]:
         """Queue one call per argument tuple in ``calls``, in one round trip to the broker.
@@ -250,18 +248,13 @@ class Task(DjangoTask):
         One round trip to the broker for the whole batch (``task_id`` is not accepted: each call
         gets its own id).
         """
-        from .result import AsyncResult
-
         if "task_id" in options:
             raise InvalidTask("apply_many() gives each call its own id: task_id is not accepted.")
         batch = [(list(args), dict(kwargs)) for args, kwargs in calls]
         backend = self.get_backend()
         sent = backend.broker.result_mark()
         messages = backend.send_many(self, batch, on_commit=on_commit, **options)
-        results = [AsyncResult(m.id, backend=self.backend, task_name=self.name) for m in messages]
-        for result in results:
-            result._sent = sent
-        return results
+        return [backend.sent_result(message, sent) for message in messages]
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         from .result import AsyncResult

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 import zoneinfo
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from django.conf import settings as django_settings
 from django.db import transaction
 from django.tasks import TaskResultStatus, default_task_backend
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
 from django.test import override_settings
 
-from django_tasks import AsyncResult, TaskState, task
+from django_tasks import AsyncResult, Task, TaskState, task
 from django_tasks.backend import get_backend
 from django_tasks.exceptions import EncodeError, MessageTooLarge
 from django_tasks.messages import Message
@@ -79,6 +83,62 @@ def test_routes_and_explicit_queue() -> None:
     assert queued(tasks.routed.delay().id).queue == "hipri"
     assert queued(tasks.routed.apply_async(queue="lopri").id).queue == "lopri"
     assert queued(tasks.named.delay().id).priority == 5
+
+
+def test_delay_sends_the_message_apply_async_sends(backend: Any) -> None:
+    """delay() has a path of its own (its route worked out once per task): same message."""
+    for each, args in ((tasks.add, (1, 2)), (tasks.routed, ()), (tasks.named, ())):
+        sent = [each.delay(*args).id, each.apply_async(args).id, each.delay_many([args])[0].id]
+        found = [backend.broker.find(task_id, ["default", "hipri", "lopri"]) for task_id in sent]
+        assert [m.id for m in found] == sent
+        plain = [dataclasses.replace(m, id="", enqueued_at=0) for m in found]
+        assert plain[0] == plain[1] == plain[2]
+    assert (plain[0].task, plain[0].priority) == ("custom-name", 5)
+
+
+def test_delay_follows_routes_and_queues_changed_in_settings() -> None:
+    assert queued(tasks.add.delay().id).queue == "default"
+    setting = settings_with_routes({"tests.testapp.tasks.add": {"queue": "lopri", "priority": 3}})
+    with override_settings(TASKS=setting):
+        message = queued(tasks.add.delay().id)
+        assert (message.queue, message.priority) == ("lopri", 3)
+    with (
+        override_settings(TASKS=settings_with_routes({}, queues=["hipri"])),
+        pytest.raises(InvalidTask, match="Queue 'default' is not in"),
+    ):
+        tasks.add.delay()
+    assert queued(tasks.add.delay().id).queue == "default"
+
+
+def settings_with_routes(routes: dict[str, Any], queues: list[str] | None = None) -> dict:
+    tasks_setting = copy.deepcopy(django_settings.TASKS)
+    tasks_setting["default"]["OPTIONS"]["ROUTES"] = routes
+    if queues is not None:
+        tasks_setting["default"]["QUEUES"] = queues
+    return tasks_setting
+
+
+def test_delay_of_a_task_with_run_after_is_delayed() -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert queued(tasks.add.using(run_after=later).delay(1, 2).id).eta == later.timestamp()
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CountingTask(Task):
+    """A Task subclass that overrides apply_async(), as Celery projects do for their base task."""
+
+    calls: list[tuple[Any, ...]] = dataclasses.field(default_factory=list, compare=False)
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
+        self.calls.append((args, kwargs))
+        return Task.apply_async(self, args, kwargs, **options)
+
+
+def test_delay_goes_through_an_overridden_apply_async() -> None:
+    counting = CountingTask(func=tasks.add.func, name="tests.counting-add")
+    result = counting.delay(1, y=2)
+    assert counting.calls == [((1,), {"y": 2})]
+    assert (queued(result.id).args, queued(result.id).kwargs) == ([1], {"y": 2})
 
 
 @pytest.mark.parametrize(
