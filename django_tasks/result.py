@@ -11,6 +11,7 @@ from django.tasks import DEFAULT_TASK_BACKEND_ALIAS
 from .exceptions import BrokerError, TaskRevokedError, TimeoutError
 from .results.store import REVOKED, TERMINATED, ResultStore, rebuild_exception
 from .states import READY_STATES, TaskState
+from .task import backend_getter
 
 if TYPE_CHECKING:
     from .backend import TasksBackend
@@ -48,9 +49,7 @@ class AsyncResult:
 
     @property
     def backend(self) -> TasksBackend:
-        from .backend import get_backend
-
-        return get_backend(self.backend_alias)
+        return backend_getter()(self.backend_alias)
 
     def _fetch(self) -> TaskResult | None:
         """The stored row; once the task is finished it is cached and never read again."""

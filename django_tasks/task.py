@@ -7,6 +7,7 @@ both APIs; ``enqueue()`` keeps Django's semantics.
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -57,6 +58,18 @@ _DIRECT_CALL = Request()
 _local = threading.local()
 
 
+@functools.cache
+def backend_getter() -> Callable[[str], TasksBackend]:
+    """backend.get_backend, imported once (not at import time: it needs the app registry).
+
+    An import statement in a function costs about as much as the lookup itself, on every
+    delay().
+    """
+    from .backend import get_backend
+
+    return get_backend
+
+
 def current_request() -> Request:
     """The request of the task running in this thread (a direct call has an empty one)."""
     stack = getattr(_local, "stack", None)
@@ -105,9 +118,7 @@ class Task(DjangoTask):
         registry.register(self, self.name)
 
     def get_backend(self) -> TasksBackend:
-        from .backend import get_backend
-
-        return get_backend(self.backend)
+        return backend_getter()(self.backend)
 
     @property
     def request(self) -> Request:
