@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any
 
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, DEFAULT_TASK_QUEUE_NAME
@@ -73,10 +74,16 @@ def backend_getter() -> Callable[[str], TasksBackend]:
 def current_request() -> Request:
     """The request of the task running in this thread (a direct call has an empty one)."""
     stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else _DIRECT_CALL
+    if not stack:
+        return _DIRECT_CALL
+    request = stack[-1]
+    if not isinstance(request, Request):  # Made when first asked for: few tasks ask.
+        request = stack[-1] = request()
+    return request
 
 
-def push_request(request: Request) -> None:
+def push_request(request: Request | Callable[[], Request]) -> None:
+    """Make ``request`` (or what the callable returns, once asked for) the current one."""
     _local.__dict__.setdefault("stack", []).append(request)
 
 
@@ -110,11 +117,14 @@ class Task(DjangoTask):
     soft_time_limit: float | None = None
     #: Seconds after which the task is stopped and fails with TimeLimitExceeded (process pool).
     time_limit: float | None = None
+    #: Whether func is a coroutine function, found once (call() would look on every run).
+    _coroutine: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name:
             object.__setattr__(self, "name", self.module_path)
         super(Task, self).__post_init__()
+        object.__setattr__(self, "_coroutine", iscoroutinefunction(self.func))
         registry.register(self, self.name)
 
     def get_backend(self) -> TasksBackend:
@@ -132,9 +142,13 @@ class Task(DjangoTask):
         return self.func(*args, **kwargs)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
+        if self._coroutine:
+            if self.bind:
+                return DjangoTask.call(self, self, *args, **kwargs)
+            return DjangoTask.call(self, *args, **kwargs)
         if self.bind:
-            return DjangoTask.call(self, self, *args, **kwargs)
-        return DjangoTask.call(self, *args, **kwargs)
+            return self.func(self, *args, **kwargs)
+        return self.func(*args, **kwargs)
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         if self.bind:

@@ -156,3 +156,10 @@ def test_an_idle_consumer_checks_its_database_connections_before_the_next_task()
     finally:
         connection.close()
         connection.settings_dict.update(saved)
+
+
+def test_a_coroutine_task_runs_and_its_value_is_stored(backend: TasksBackend) -> None:
+    assert tasks.async_add.call(2, 3) == 5
+    result = tasks.async_add.delay(2, 3)
+    Consumer(backend, ["default"], "test-0", burst=True).run()
+    assert (result.state, result.get(timeout=5)) == (TaskState.SUCCESS, 5)

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+from django.conf import settings
 from django.dispatch import Signal
 from django.tasks import Task as DjangoTask
 from django.tasks import TaskContext
 from django.tasks import TaskResult as DjangoTaskResult
 from django.tasks.base import TaskResultStatus
 from django.tasks.signals import log_task_finished, log_task_started, task_finished, task_started
-from django.utils import timezone
 
 from ..backend import TasksBackend
 from ..brokers import Delivery
@@ -103,6 +103,8 @@ class Executor:
         self._alarm_set = False  # A soft time limit's SIGALRM is pending.
         #: The "succeeded" lines not written yet (see write_log()): task, id, seconds, value.
         self._succeeded_lines: list[tuple[str, str, float, Short]] = []
+        #: For _now(): settings.USE_TZ read once, not (as timezone.now() does) twice per task.
+        self._zone = UTC if settings.USE_TZ else None
 
     def execute(self, delivery: Delivery) -> Outcome:
         message = delivery.message
@@ -131,7 +133,7 @@ class Executor:
         if not _ignores_result(task):
             row = self._row(message, TaskState.REVOKED)
             row.reason = reason
-            row.date_done = timezone.now()
+            row.date_done = self._now()
         _send(task_revoked, task, task_id=message.id, reason=reason)
         return Outcome(delivery, TaskState.REVOKED, row)
 
@@ -148,7 +150,7 @@ class Executor:
             task_started.send(type(self.backend), task_result=django_result)
         _send(task_prerun, task, task_id=message.id, task=task, args=message.args,
               kwargs=message.kwargs)  # fmt: skip
-        push_request(self._request(message))
+        push_request(lambda: self._request(message))  # Made if the task asks for it.
         soft, hard = _limits(task, message)
         self._begin(attempt, soft, hard)
         try:
@@ -230,6 +232,8 @@ class Executor:
             value = task.call(context, *message.args, **message.kwargs)
         else:
             value = task.call(*message.args, **message.kwargs)
+        if value is None or type(value) in _ALWAYS_JSON:
+            return value
         try:
             _encoder.encode(value)
         except (TypeError, ValueError) as exc:
@@ -244,7 +248,7 @@ class Executor:
             self._succeeded_lines.append(
                 (message.task, message.id, attempt.elapsed(), Short(value))
             )
-        row.state, row.result, row.date_done = TaskState.SUCCESS, value, timezone.now()
+        row.state, row.result, row.date_done = TaskState.SUCCESS, value, self._now()
         _send(task_success, attempt.task, task_id=message.id, result=value)
         return self._finish(attempt, value)
 
@@ -273,7 +277,7 @@ class Executor:
         logger.error("Task %s[%s] failed in %.3fs: %r", message.task, message.id,
                      attempt.elapsed(), exc, exc_info=exc)  # fmt: skip
         _record_error(row, exc)
-        row.state, row.date_done = TaskState.FAILURE, timezone.now()
+        row.state, row.date_done = TaskState.FAILURE, self._now()
         _send(task_failure, attempt.task, task_id=message.id, exception=exc,
               traceback=row.traceback)  # fmt: skip
         return self._finish(attempt, exc)
@@ -299,7 +303,7 @@ class Executor:
         message, row = attempt.message, attempt.row
         logger.warning("Task %s[%s] terminated (revoked) after %.3fs", message.task,
                        message.id, attempt.elapsed())  # fmt: skip
-        row.state, row.reason, row.date_done = TaskState.REVOKED, "terminated", timezone.now()
+        row.state, row.reason, row.date_done = TaskState.REVOKED, "terminated", self._now()
         _send(task_revoked, attempt.task, task_id=message.id, reason="terminated")
         return self._finish(attempt, None)
 
@@ -337,8 +341,12 @@ class Executor:
             parent_id=message.parent_id or "",
             group_id=message.group_id or "",
             enqueued_at=_aware(message.enqueued_at),
-            started_at=timezone.now(),
+            started_at=self._now(),
         )
+
+    def _now(self) -> datetime:
+        """timezone.now()."""
+        return datetime.now(self._zone)
 
     def _request(self, message: Message) -> Request:
         return Request(
@@ -456,6 +464,10 @@ class Monitor:
         """The deliveries leased by this pool member now (running or waiting to run)."""
 
 
+#: Return values that JSON always encodes (None aside): no need to try.
+_ALWAYS_JSON = (bool, str)
+
+
 def _ignores_result(task: DjangoTask) -> bool:
     return isinstance(task, Task) and task.ignore_result
 
@@ -504,6 +516,8 @@ def _heard(signal: Signal, django_receiver: Any) -> bool:
 
 def _send(signal: Signal, sender: DjangoTask, **kwargs: Any) -> None:
     """Send one of our signals; a receiver's failure is logged, never raised into the task."""
+    if not signal.receivers:  # send_robust() looks first too; this saves the call.
+        return
     for receiver, response in signal.send_robust(sender=sender, **kwargs):
         if isinstance(response, Exception):
             logger.error("Signal receiver %r failed: %r", receiver, response, exc_info=response)

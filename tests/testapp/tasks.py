@@ -146,3 +146,8 @@ def record_through_outages(marker: str, seconds: float = 0.0) -> int:
     if first:
         time.sleep(seconds)
     return count
+
+
+@task
+async def async_add(x: int, y: int) -> int:
+    return x + y
