@@ -142,12 +142,10 @@ class Task(DjangoTask):
         return self.func(*args, **kwargs)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
-        if self._coroutine:
-            if self.bind:
-                return DjangoTask.call(self, self, *args, **kwargs)
-            return DjangoTask.call(self, *args, **kwargs)
         if self.bind:
-            return self.func(self, *args, **kwargs)
+            args = (self, *args)
+        if self._coroutine:  # Django's call() runs it in an event loop.
+            return DjangoTask.call(self, *args, **kwargs)
         return self.func(*args, **kwargs)
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
