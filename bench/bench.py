@@ -89,7 +89,10 @@ def configurations(brokers: list[str], results: list[str]) -> list[Config]:
                 f"PostgreSQL with persistent connections (CONN_MAX_AGE={CONN_MAX_AGE})"
             )
         else:
-            config.notes.append("SQLite file in WAL mode, IMMEDIATE transactions, 30 s timeout")
+            config.notes.append(
+                "SQLite file in WAL mode, IMMEDIATE transactions, 30 s timeout, persistent "
+                f"connections (CONN_MAX_AGE={CONN_MAX_AGE})"
+            )
     return configs
 
 
@@ -232,7 +235,7 @@ def environment(config: Config, workdir: Path, logs: Path) -> Iterator[dict[str,
             path = workdir / f"{config.key}.sqlite3"
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
-            env["BENCH_SQLITE_PATH"] = str(path)
+            env.update(BENCH_SQLITE_PATH=str(path), BENCH_CONN_MAX_AGE=str(CONN_MAX_AGE))
         if config.broker == "redis":
             env.update(
                 BENCH_BROKER_URL=stack.enter_context(redis_server(workdir, logs)),

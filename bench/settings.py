@@ -4,7 +4,8 @@
   and, for the database broker, the queue.
 - BENCH_SQLITE_PATH: the SQLite file (required for ``sqlite``).
 - BENCH_PG_NAME, BENCH_PG_HOST, BENCH_PG_PORT, BENCH_PG_USER: the PostgreSQL database.
-- BENCH_CONN_MAX_AGE: seconds PostgreSQL connections are kept (persistent connections).
+- BENCH_CONN_MAX_AGE: seconds database connections are kept (persistent connections; 600 unless
+  set, on SQLite as on PostgreSQL).
 - BENCH_BROKER_URL: a redis:// URL for the Redis broker; empty for the database broker.
 """
 
@@ -37,6 +38,9 @@ def _sqlite() -> dict[str, Any]:
     return {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": path,
+        # Persistent, as on PostgreSQL: a worker otherwise reopens the file (and runs the
+        # PRAGMAs below) for the first task after each idle second.
+        "CONN_MAX_AGE": int(os.environ.get("BENCH_CONN_MAX_AGE", "600")),
         "OPTIONS": {
             "transaction_mode": "IMMEDIATE",
             "timeout": 30,

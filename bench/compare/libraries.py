@@ -72,10 +72,8 @@ DT_POOLS = (
 
 
 def _django_tasks(key: str, title: str, database: str, redis_broker: bool) -> Library:
-    notes = ["results in the database (TaskResult)"]
-    if database == "postgres":
-        notes.append("persistent connections (CONN_MAX_AGE=600)")
-    else:
+    notes = ["results in the database (TaskResult)", "persistent connections (CONN_MAX_AGE=600)"]
+    if database == "sqlite":
         notes.append("SQLite in WAL mode, IMMEDIATE transactions (as bench/settings.py)")
     return Library(
         key=key,

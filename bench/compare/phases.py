@@ -179,6 +179,7 @@ class Session:
             )
         elif self.lib.database == "sqlite":
             env["BENCH_SQLITE_PATH"] = str(self.ctx.workdir / f"{self.lib.key}.sqlite3")
+            env["BENCH_CONN_MAX_AGE"] = CONN_MAX_AGE
         if not self.lib.peer:
             env["BENCH_BROKER_URL"] = self.ctx.redis_url if self.lib.redis_broker else ""
         env.update(self.lib.env)
