@@ -83,16 +83,10 @@ def configurations(brokers: list[str], results: list[str]) -> list[Config]:
             configs.append(
                 Config(broker, f"database broker on {NAMES[broker]}", "database", broker)
             )
+    sqlite = "SQLite file in WAL mode, IMMEDIATE transactions, 30 s timeout"
     for config in configs:
-        if config.database == "postgres":
-            config.notes.append(
-                f"PostgreSQL with persistent connections (CONN_MAX_AGE={CONN_MAX_AGE})"
-            )
-        else:
-            config.notes.append(
-                "SQLite file in WAL mode, IMMEDIATE transactions, 30 s timeout, persistent "
-                f"connections (CONN_MAX_AGE={CONN_MAX_AGE})"
-            )
+        database = "PostgreSQL" if config.database == "postgres" else sqlite
+        config.notes.append(f"{database}, persistent connections (CONN_MAX_AGE={CONN_MAX_AGE})")
     return configs
 
 
@@ -222,20 +216,24 @@ def pg_database() -> Iterator[str]:
 def environment(config: Config, workdir: Path, logs: Path) -> Iterator[dict[str, str]]:
     """The services of ``config``, fresh, as environment variables for bench/settings.py."""
     with contextlib.ExitStack() as stack:
-        env = {"BENCH_DB": config.database, "BENCH_BROKER_URL": "", "BENCH_REDIS_DEDICATED": "0"}
+        env = {
+            "BENCH_DB": config.database,
+            "BENCH_CONN_MAX_AGE": str(CONN_MAX_AGE),
+            "BENCH_BROKER_URL": "",
+            "BENCH_REDIS_DEDICATED": "0",
+        }
         if config.database == "postgres":
             env.update(
                 BENCH_PG_NAME=stack.enter_context(pg_database()),
                 BENCH_PG_HOST=PG["host"],
                 BENCH_PG_PORT=str(PG["port"]),
                 BENCH_PG_USER=PG["user"],
-                BENCH_CONN_MAX_AGE=str(CONN_MAX_AGE),
             )
         else:
             path = workdir / f"{config.key}.sqlite3"
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
-            env.update(BENCH_SQLITE_PATH=str(path), BENCH_CONN_MAX_AGE=str(CONN_MAX_AGE))
+            env["BENCH_SQLITE_PATH"] = str(path)
         if config.broker == "redis":
             env.update(
                 BENCH_BROKER_URL=stack.enter_context(redis_server(workdir, logs)),

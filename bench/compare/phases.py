@@ -169,17 +169,17 @@ class Session:
         )
         if self.lib.settings:
             env["DJANGO_SETTINGS_MODULE"] = self.lib.settings
+        if self.lib.database:
+            env["BENCH_CONN_MAX_AGE"] = CONN_MAX_AGE
         if self.lib.database == "postgres" and pg_name:
             env.update(
                 BENCH_PG_NAME=pg_name,
                 BENCH_PG_HOST=services.PG["host"],
                 BENCH_PG_PORT=str(services.PG["port"]),
                 BENCH_PG_USER=services.PG["user"],
-                BENCH_CONN_MAX_AGE=CONN_MAX_AGE,
             )
         elif self.lib.database == "sqlite":
             env["BENCH_SQLITE_PATH"] = str(self.ctx.workdir / f"{self.lib.key}.sqlite3")
-            env["BENCH_CONN_MAX_AGE"] = CONN_MAX_AGE
         if not self.lib.peer:
             env["BENCH_BROKER_URL"] = self.ctx.redis_url if self.lib.redis_broker else ""
         env.update(self.lib.env)
