@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -59,12 +60,25 @@ def test_pickle_is_never_involved() -> None:
     assert json.loads(body)["v"] == 1
 
 
-def test_new_ids_are_distinct_version_4_uuids() -> None:
+def test_new_ids_are_distinct_version_7_uuids_of_the_current_time() -> None:
+    before = time.time_ns() // 1_000_000
     ids = [new_id() for _ in range(10_000)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
     for task_id in ids[:1000]:
         parsed = uuid.UUID(task_id)
-        assert (str(parsed), parsed.version, parsed.variant) == (task_id, 4, uuid.RFC_4122)
+        assert (str(parsed), parsed.version, parsed.variant) == (task_id, 7, uuid.RFC_4122)
+        assert before <= parsed.int >> 80 <= after  # The first 48 bits: Unix milliseconds.
+
+
+def test_ids_made_later_sort_after_earlier_ones() -> None:
+    """Time-ordered ids: new result rows go to the end of the primary-key index."""
+    earlier = new_id()
+    deadline = time.monotonic() + 5
+    while time.time_ns() // 1_000_000 <= uuid.UUID(earlier).int >> 80:  # The next millisecond.
+        assert time.monotonic() < deadline
+    later = [new_id() for _ in range(100)]
+    assert all(earlier < task_id for task_id in later)
 
 
 def test_defaults_are_left_out_of_the_body_and_restored() -> None:
