@@ -51,6 +51,7 @@ COLUMNS = [
     ("drain/s (processes)", "drain_process", "per_second", "rate"),
     ("drain/s incl. start", "drain_process", "per_second_incl_start", "rate"),
     ("drain/s (threads)", "drain_thread", "per_second", "rate"),
+    ("WAL bytes per drained task", "drain_process", "wal_bytes_per_task", "rate"),
     ("latency p50 / p99 ms", "latency", ("p50_ms", "p99_ms"), "ms"),
     ("after-idle ms", "latency", "after_idle_ms", "ms"),
 ]
