@@ -199,6 +199,16 @@ def reference_table(reference: dict[str, Any]) -> str:
         f"| redis-py round trip after {number(IDLE_SECONDS, 0)} s idle, ms "
         f"| {number(idle, 3) if idle else '—'} |"
     )
+    relay = reference.get("relay_round_trip_ms")
+    lines.append(
+        "| round trip through a relay process (caller, Redis, relay, Redis, caller), p50 ms "
+        f"| {number(relay, 3) if relay else '—'} |"
+    )
+    relay_idle = reference.get("relay_after_idle_ms")
+    lines.append(
+        f"| the same after {number(IDLE_SECONDS, 0)} s idle, ms "
+        f"| {number(relay_idle, 3) if relay_idle else '—'} |"
+    )
     return "\n".join(lines)
 
 

@@ -258,6 +258,71 @@ def redis_py_lpush_after_idle(port: int, idle: float, samples: int = 3) -> float
         conn.close()
 
 
+#: The relay of relay_round_trips(): it moves each entry of one list to another, and stops on
+#: "stop". Run with this harness's Python (redis-py is all it needs).
+_RELAY = """
+import sys, redis
+conn = redis.Redis(host=sys.argv[1], port=int(sys.argv[2]), single_connection_client=True)
+conn.ping()
+print("ready", flush=True)
+while True:
+    _key, value = conn.blpop("bench:relay:in")
+    if value == b"stop":
+        break
+    conn.lpush("bench:relay:out", value)
+"""
+
+
+def relay_round_trips(
+    port: int, count: int = 200, idle: float = IDLE_SECONDS, samples: int = 3
+) -> dict[str, float]:
+    """Milliseconds of a bare round trip through a second process: busy (p50), and after idle.
+
+    The caller LPUSHes, a relay process blocked in BLPOP pushes the value onto a second list, on
+    which the caller blocks: four crossings between processes, as in every library's round trip
+    (caller to Redis, Redis to worker, worker to Redis, Redis to caller), with no task, result
+    store or library code. The floor under the latency figures; after a pause every process on
+    the way is woken in turn, which shows in ``relay_after_idle_ms`` as in every library's "after
+    idle" figure. The median of ``samples``, each after its own pause.
+    """
+    relay = processes.start(
+        [sys.executable, "-c", _RELAY, LOOPBACK, str(port)],
+        cwd=HERE,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+    )
+    conn = client(port)
+    try:
+        assert relay.stdout is not None
+        if relay.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the relay process did not start")
+
+        def round_trip() -> float:
+            started = time.perf_counter()
+            conn.lpush("bench:relay:in", b"x")
+            if conn.blpop(["bench:relay:out"], timeout=10) is None:
+                raise RuntimeError("the relay process did not answer in 10 s")
+            return (time.perf_counter() - started) * 1000
+
+        for _ in range(20):  # Warm-up.
+            round_trip()
+        busy = sorted(round_trip() for _ in range(count))
+        after_idle = []
+        for _ in range(samples):
+            time.sleep(idle)
+            after_idle.append(round_trip())
+        conn.lpush("bench:relay:in", b"stop")
+        relay.wait(timeout=10)
+        return {
+            "relay_round_trip_ms": busy[(len(busy) - 1) // 2],
+            "relay_after_idle_ms": statistics.median(after_idle),
+        }
+    finally:
+        conn.delete("bench:relay:in", "bench:relay:out")
+        conn.close()
+        processes.stop(relay)
+
+
 def physical_reference(port: int, idle: float = IDLE_SECONDS) -> dict[str, Any]:
     """The reference rates and round trips, measured now on the same server."""
     figures: dict[str, Any] = {
@@ -266,6 +331,7 @@ def physical_reference(port: int, idle: float = IDLE_SECONDS) -> dict[str, Any]:
         "redis_py_lpush_single": redis_py_lpush(port, 20_000),
         "redis_py_lpush_pipelined": redis_py_lpush(port, 100_000, batch=1000),
         "redis_py_after_idle_ms": redis_py_lpush_after_idle(port, idle),
+        **relay_round_trips(port, idle=idle),
     }
     conn = client(port)
     conn.flushall()
