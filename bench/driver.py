@@ -293,9 +293,10 @@ class Driver:
     def _checkpoint() -> str | None:
         """On PostgreSQL, a CHECKPOINT, then the WAL position; None elsewhere or when refused.
 
-        The drain starts right after a checkpoint, as it would at any time in production: the
-        first change to each page after one writes the whole page to the WAL, so how many pages
-        a task's writes touch shows in the WAL bytes per task.
+        The drain starts right after a checkpoint, as work does after each of the periodic
+        checkpoints of a production server: the first change to each page after one writes the
+        whole page to the WAL, so how many pages a task's writes touch shows in the WAL bytes per
+        task.
         """
         from django.db import DatabaseError, connection
 

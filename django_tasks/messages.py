@@ -25,13 +25,14 @@ _decoder = json.JSONDecoder()
 def new_id() -> str:
     """A new task id: a time-ordered (version 7, RFC 9562) UUID, as text.
 
-    Its first 48 bits are the Unix time in milliseconds, the other 74 (version and variant
-    aside) random, so an id still cannot be guessed, but it tells when it was made. Ids made one
-    after another sort together: each new row goes into the rightmost pages of the indexes on
-    task ids (TaskResult's primary key, QueuedMessage's and DeadLetter's task_id), where a random
-    (version 4) id lands on a random page of a large index. On PostgreSQL the first change to a
-    page after a checkpoint writes the whole page (8 KiB) to the WAL, so random ids cost several
-    times the WAL per result. Callers may still give ids of their own (``task_id``).
+    Its first 48 bits are the Unix time in milliseconds; of the other 80, all but the version
+    and variant bits (74) are random, so an id still cannot be guessed, but it tells when it was
+    made. Ids made one after another sort together: each new row goes into the rightmost pages
+    of the indexes on task ids (TaskResult's primary key, QueuedMessage's and DeadLetter's
+    task_id), where a random (version 4) id lands on a random page of a large index. On
+    PostgreSQL the first change to a page after a checkpoint writes the whole page (8 KiB) to the
+    WAL, so random ids cost several times the WAL per result. Callers may still give ids of
+    their own (``task_id``).
     """
     digits = ((time.time_ns() // 1_000_000).to_bytes(6) + os.urandom(10)).hex()
     variant = _VARIANT[digits[16]]  # The two top bits of the variant field are 10.
