@@ -215,7 +215,7 @@ class Driver:
             burst=True,
             loglevel=self.args.worker_loglevel,
         )
-        wal_start = self._checkpoint()
+        wal_start = checkpoint()
         started = time.perf_counter()
         worker.start()
         try:
@@ -223,7 +223,7 @@ class Driver:
         finally:
             exit_status = worker.stop()
         if wal_start is not None and figures["status"] == "ok":
-            figures["wal_bytes_per_task"] = self._wal_since(wal_start) / queued
+            figures["wal_bytes_per_task"] = wal_since(wal_start) / queued
         figures.update(
             queued=queued,
             pool=pool,
@@ -288,37 +288,6 @@ class Driver:
                     f"({count}/{queued} done)",
                 }
             time.sleep(POLL_INTERVAL)
-
-    @staticmethod
-    def _checkpoint() -> str | None:
-        """On PostgreSQL, a CHECKPOINT, then the WAL position; None elsewhere or when refused.
-
-        The drain starts right after a checkpoint, as work does after each of the periodic
-        checkpoints of a production server: the first change to each page after one writes the
-        whole page to the WAL, so how many pages a task's writes touch shows in the WAL bytes per
-        task.
-        """
-        from django.db import DatabaseError, connection
-
-        if connection.vendor != "postgresql":
-            return None
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("CHECKPOINT")  # A superuser's or pg_checkpoint's right.
-                cursor.execute("SELECT pg_current_wal_lsn()::text")
-                return str(cursor.fetchone()[0])
-        except DatabaseError as exc:
-            print(f"driver: no WAL figure: {exc}", file=sys.stderr)
-            return None
-
-    @staticmethod
-    def _wal_since(start: str) -> float:
-        """Bytes of WAL written since ``start`` (by the whole server: the benchmark runs alone)."""
-        from django.db import connection
-
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", [start])
-            return float(cursor.fetchone()[0])
 
     @staticmethod
     def _states() -> dict[str, int]:
@@ -411,6 +380,37 @@ class Driver:
             if not self.guarded(phase, step) and phase == "reset":
                 # Leftovers would make the next figures wrong: stop here instead.
                 break
+
+
+def checkpoint() -> str | None:
+    """On PostgreSQL, a CHECKPOINT, then the WAL position; None elsewhere or when refused.
+
+    The drain starts right after a checkpoint, as work does after each of the periodic
+    checkpoints of a production server: the first change to each page after one writes the
+    whole page to the WAL, so how many pages a task's writes touch shows in the WAL bytes per
+    task. result_ids.py measures its writes the same way.
+    """
+    from django.db import DatabaseError, connection
+
+    if connection.vendor != "postgresql":
+        return None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("CHECKPOINT")  # A superuser's or pg_checkpoint's right.
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            return str(cursor.fetchone()[0])
+    except DatabaseError as exc:
+        print(f"driver: no WAL figure: {exc}", file=sys.stderr)
+        return None
+
+
+def wal_since(start: str) -> float:
+    """Bytes of WAL written since ``start`` (by the whole server: the benchmark runs alone)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", [start])
+        return float(cursor.fetchone()[0])
 
 
 def describe(figures: dict[str, Any], key: str, unit: str) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench
+from bench import bench, driver
 
 #: SQL making the text of ``%(n)s`` ids of each kind, oldest first (one per millisecond before
 #: now for the time-ordered ones).
@@ -78,10 +78,9 @@ def store_results(make_id: Callable[[], str], count: int, batch: int) -> dict[st
     from django_tasks.results.store import ResultStore
 
     store = ResultStore()
-    with connection.cursor() as cursor:
-        cursor.execute("CHECKPOINT")
-        cursor.execute("SELECT pg_current_wal_lsn()::text")
-        start_lsn = cursor.fetchone()[0]
+    start_lsn = driver.checkpoint()
+    if start_lsn is None:
+        raise SystemExit("result_ids.py: PostgreSQL refused the CHECKPOINT (see above)")
     elapsed = 0.0
     for _ in range(count // batch):
         now = timezone.now()
@@ -99,9 +98,8 @@ def store_results(make_id: Callable[[], str], count: int, batch: int) -> dict[st
         started = time.perf_counter()
         store.save_finished(rows)
         elapsed += time.perf_counter() - started
+    wal = driver.wal_since(start_lsn)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", [start_lsn])
-        wal = float(cursor.fetchone()[0])
         cursor.execute("SELECT pg_relation_size(%s)", [f"{TaskResult._meta.db_table}_pkey"])
         index = float(cursor.fetchone()[0])
     done = count // batch * batch

@@ -192,23 +192,17 @@ def reference_table(reference: dict[str, Any]) -> str:
     lines = ["| physical reference (one client) | LPUSH/s |", "|---|---:|"]
     for key, title in names.items():
         lines.append(f"| {title} | {number(reference.get(key, '—'))} |")
-    rt = reference.get("redis_py_round_trip_ms")
-    lines.append(f"| redis-py round trip, ms | {number(rt, 3) if rt else '—'} |")
-    idle = reference.get("redis_py_after_idle_ms")
-    lines.append(
-        f"| redis-py round trip after {number(IDLE_SECONDS, 0)} s idle, ms "
-        f"| {number(idle, 3) if idle else '—'} |"
-    )
-    relay = reference.get("relay_round_trip_ms")
-    lines.append(
-        "| round trip through a relay process (caller, Redis, relay, Redis, caller), p50 ms "
-        f"| {number(relay, 3) if relay else '—'} |"
-    )
-    relay_idle = reference.get("relay_after_idle_ms")
-    lines.append(
-        f"| the same after {number(IDLE_SECONDS, 0)} s idle, ms "
-        f"| {number(relay_idle, 3) if relay_idle else '—'} |"
-    )
+    idle = f"after {number(IDLE_SECONDS, 0)} s idle"
+    round_trips = {
+        "redis_py_round_trip_ms": "redis-py round trip, ms",
+        "redis_py_after_idle_ms": f"redis-py round trip {idle}, ms",
+        "relay_round_trip_ms": "round trip through a relay process (caller, Redis, relay, Redis, "
+        "caller), p50 ms",
+        "relay_after_idle_ms": f"the same {idle}, ms",
+    }
+    for key, title in round_trips.items():
+        ms = reference.get(key)
+        lines.append(f"| {title} | {number(ms, 3) if ms else '—'} |")
     return "\n".join(lines)
 
 
