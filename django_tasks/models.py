@@ -111,12 +111,6 @@ class QueuedMessageQuerySet(models.QuerySet["QueuedMessage"]):
             "-priority", "available_at", "id"
         )
 
-    def delayed(self, queue: str, now: datetime) -> QueuedMessageQuerySet:
-        """Unleased messages of ``queue`` that are not due yet, the next one due first."""
-        return self.filter(
-            queue=queue, leased_until__isnull=True, delayed=True, available_at__gt=now
-        ).order_by("available_at")
-
     def expired_leases(self, now: datetime) -> QueuedMessageQuerySet:
         return self.filter(leased_until__lt=now)
 
@@ -152,7 +146,8 @@ class QueuedMessage(models.Model):
                 name="dt_queue_ready",
                 condition=Q(leased_until__isnull=True),
             ),
-            # When the next delayed message of a queue is due: one probe, however many wait.
+            # When the next delayed message of a queue is due: one probe, however many wait
+            # (made by a short claim, see database_sql.claim_sql).
             # Only rows published with an eta are in it, so that PostgreSQL can never pick it
             # for the claim (with stale statistics it did, and sorted the whole queue).
             models.Index(

@@ -12,13 +12,14 @@ import pytest
 from django.conf import settings
 from django.db import IntegrityError, connections, transaction
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from django_tasks.brokers.base import Delivery
 from django_tasks.brokers.database import DatabaseBroker
 from django_tasks.conf import BackendConfig
 from django_tasks.exceptions import BrokerConnectionError
 from django_tasks.messages import Message, new_id
-from django_tasks.models import TaskResult
+from django_tasks.models import QueuedMessage, TaskResult
 from django_tasks.results.bulk import upsert_statement
 from django_tasks.results.store import FINISHED_FIELDS
 from django_tasks.states import TaskState
@@ -206,6 +207,45 @@ def test_an_idle_consumer_wakes_when_a_delayed_message_is_due(make: BrokerMaker)
 
 
 @postgres_only
+def test_a_consumer_that_left_the_queue_empty_waits_before_claiming_again(
+    make: BrokerMaker,
+) -> None:
+    consumer, producer = make(), make()
+    consumer.max_wait = 600
+    first, second = message(), message()
+    producer.publish(first)
+    # A short claim (one of ten asked for) says in the same statement that nothing else is
+    # ready and nothing is delayed: the next consume waits for a notification, not a claim.
+    assert [d.message for d in consumer.consume(["default"], 10, timeout=1)] == [first]
+    idle = sql_of("postgres", lambda: consumer.consume(["default"], 10, timeout=0.2))
+    assert len(idle) == 1  # The one claim after the wait: no claim before it, no other query.
+    producer.publish(second)
+    started = time.monotonic()
+    assert [d.message for d in consumer.consume(["default"], 10, timeout=30)] == [second]
+    assert time.monotonic() - started < 15  # Woken by the notification, not the timeout.
+
+
+@postgres_only
+def test_a_consumer_claims_again_after_max_wait_without_a_notification(
+    make: BrokerMaker,
+) -> None:
+    broker = make()
+    broker.max_wait = 0.1
+    sent = message(eta=time.time() + 3600)  # Far ahead: published without a notification.
+    broker.publish(sent)
+    assert broker.consume(["default"], 1, timeout=0.01) == []
+    claimed_at = time.monotonic()
+    wait_for(lambda: time.monotonic() - claimed_at > 0.2)  # As if it ran a long batch.
+    # Made ready behind the broker's back (as an expired lease is): nothing notifies.
+    QueuedMessage.objects.using("postgres").update(available_at=timezone.now())
+    broker.max_wait = 600
+    started = time.monotonic()
+    [delivery] = broker.consume(["default"], 1, timeout=30)
+    assert delivery.message == sent
+    assert time.monotonic() - started < 15  # Its last claim was too old to trust: it claimed.
+
+
+@postgres_only
 def test_result_waiter_wakes_when_its_task_is_announced(make: BrokerMaker) -> None:
     waiting, announcing = make(), make()
     task_ids = [new_id() for _ in range(500)]  # More than one NOTIFY payload can carry.
@@ -247,8 +287,8 @@ def test_postgres_query_counts(make: BrokerMaker) -> None:
     deliveries: list[Delivery] = []
     claim = sql_of("postgres", lambda: deliveries.extend(broker.consume(["default"], 10, 0)))
     assert len(deliveries) == 2
-    assert [q.split()[0] for q in claim] == ["UPDATE"]
-    assert "FOR UPDATE SKIP LOCKED" in claim[0] and "RETURNING" in claim[0]
+    assert len(claim) == 1
+    assert "UPDATE" in claim[0] and "SKIP LOCKED" in claim[0] and "RETURNING" in claim[0]
 
     assert len(sql_of("postgres", lambda: broker.extend(deliveries))) == 1
     assert [q.split()[0] for q in sql_of("postgres", lambda: broker.ack(deliveries[:1]))] == [

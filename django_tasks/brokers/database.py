@@ -216,28 +216,56 @@ class DatabaseBroker(Broker):
     # Consuming ------------------------------------------------------------------------------
 
     def consume(self, queues: Sequence[str], count: int, timeout: float) -> list[Delivery]:
-        """Lease up to ``count`` deliveries, waiting up to ``timeout`` seconds for one."""
+        """Lease up to ``count`` deliveries, waiting up to ``timeout`` seconds for one.
+
+        On PostgreSQL a consumer whose last claim left nothing ready waits for a notification
+        first (its LISTEN began before that claim, so nothing published since goes unnoticed)
+        instead of claiming again: a consumer back from a short batch, or one of the several that
+        a NOTIFY woke for one message, costs the database no empty claim.
+        """
+        if count <= 0:
+            return []
         deadline = time.monotonic() + timeout
         # LISTEN before the first claim, so that nothing published after it goes unnoticed.
         listener = self._listener(queues) if timeout > 0 and self.can_listen else None
         while True:
-            if listener is not None:
-                listener.drain()  # The claim below answers every notification so far.
-            deliveries = self._claim_all(queues, count)
             remaining = deadline - time.monotonic()
-            if deliveries or remaining <= 0:
-                return deliveries
+            if listener is None or not listener.idle(queues):
+                if listener is not None:
+                    listener.drain()  # The claim below answers every notification so far.
+                deliveries, idle_until = self._claim_all(queues, count)
+                if listener is not None:
+                    # Claim at least every max_wait: messages made ready without a notification
+                    # (an expired lease, a delayed one published far ahead) are seen as before.
+                    if idle_until is not None:
+                        idle_until = min(idle_until, time.monotonic() + self.max_wait)
+                    listener.set_idle(queues, idle_until)
+                remaining = deadline - time.monotonic()
+                if deliveries:
+                    return deliveries
+            if remaining <= 0:
+                return []
             self._wait(listener, queues, remaining)
 
-    def _claim_all(self, queues: Sequence[str], count: int) -> list[Delivery]:
+    def _claim_all(self, queues: Sequence[str], count: int) -> tuple[list[Delivery], float | None]:
+        """Lease up to ``count`` deliveries from ``queues`` in order.
+
+        Also returns, when the claims said that nothing else is ready (PostgreSQL), the
+        monotonic time at which the first delayed message of ``queues`` is due (infinity
+        when there is none); else None.
+        """
         deliveries: list[Delivery] = []
+        idle_until: float | None = math.inf
         with self._errors("lease messages"):
             self._return_expired_leases()
             for queue in queues:
                 if len(deliveries) >= count:
-                    break
-                deliveries += self._claim(queue, count - len(deliveries))
-        return deliveries
+                    return deliveries, None
+                claimed, next_due = self._claim(queue, count - len(deliveries))
+                deliveries += claimed
+                if idle_until is not None:
+                    idle_until = None if next_due is None else min(idle_until, next_due)
+        return deliveries, idle_until
 
     def _return_expired_leases(self) -> None:
         """Put messages whose lease expired back in their queue, at most every interval."""
@@ -255,35 +283,51 @@ class DatabaseBroker(Broker):
             )
             expired.update(leased_until=None, lease_token="")
 
-    def _claim(self, queue: str, count: int) -> list[Delivery]:
-        token = secrets.token_hex(16)
-        if can_claim_in_one_statement(self.connection):
-            rows = self._retry_locked(lambda: self._claim_returning(queue, count, token))
-            return [self._delivery(queue, token, *row) for row in rows]
-        claim = self._claim_skipping_locked if self.skip_locked else self._claim_serialised
-        rows = self._retry_locked(lambda: claim(queue, count, token))
-        return [self._delivery(queue, token, *row) for row in rows]
+    def _claim(self, queue: str, count: int) -> tuple[list[Delivery], float | None]:
+        """Lease up to ``count`` deliveries from ``queue``.
 
-    def _claim_returning(self, queue: str, count: int, token: str) -> list[tuple[Any, ...]]:
+        Also returns what _claim_all() says of its queues, for this queue only (PostgreSQL).
+        """
+        token = secrets.token_hex(16)
+        idle_until = None
+        if can_claim_in_one_statement(self.connection):
+            rows, idle_until = self._retry_locked(
+                lambda: self._claim_returning(queue, count, token)
+            )
+        else:
+            claim = self._claim_skipping_locked if self.skip_locked else self._claim_serialised
+            rows = self._retry_locked(lambda: claim(queue, count, token))
+        return [self._delivery(queue, token, *row) for row in rows], idle_until
+
+    def _claim_returning(
+        self, queue: str, count: int, token: str
+    ) -> tuple[list[tuple[Any, ...]], float | None]:
         """Lease with one UPDATE ... RETURNING (see database_sql.py): one round trip.
 
         When the results live on this database, the same statement says which tasks were
-        revoked, so the worker need not ask.
+        revoked, so the worker need not ask. On PostgreSQL, it also says when the claim was
+        short, and when the queue's next delayed message is due (see _claim).
         """
         connection = self.connection
-        with_revoked = self.results_here
+        vendor, with_revoked = connection.vendor, self.results_here
         now = timezone.now()
         until = now + timedelta(seconds=self.config.lease_seconds)
         adapt = connection.ops.adapt_datetimefield_value
-        sql = claim_sql(connection.vendor, connection.ops.quote_name("x")[0], with_revoked)
-        params = claim_params(adapt(until), token, queue, adapt(now), count, with_revoked)
+        sql = claim_sql(vendor, connection.ops.quote_name("x")[0], with_revoked)
+        params = claim_params(vendor, adapt(until), token, queue, adapt(now), count, with_revoked)
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
+        idle_until = None
+        if vendor == "postgresql":
+            marks = [row for row in rows if row[0] is None]
+            if marks:
+                rows = [row for row in rows if row[0] is not None]
+                idle_until = _monotonic_at(marks[0][-1], now)
         # RETURNING keeps no order: sort as delivered (higher priority, then publish order).
         rows.sort(key=lambda row: (-row[3], row[4], row[0]))
         revoked = (lambda row: bool(row[5])) if with_revoked else (lambda row: None)
-        return [(row[0], row[1], row[2], revoked(row)) for row in rows]
+        return [(row[0], row[1], row[2], revoked(row)) for row in rows], idle_until
 
     @cached_property
     def results_here(self) -> bool:
@@ -359,26 +403,21 @@ class DatabaseBroker(Broker):
     # Waiting --------------------------------------------------------------------------------
 
     def _wait(self, listener: Listener | None, queues: Sequence[str], remaining: float) -> None:
-        """Sleep until a notification, the next delayed message, ``max_wait`` or ``remaining``."""
+        """Sleep until a notification, the next delayed message, ``max_wait`` or ``remaining``.
+
+        Whatever wakes it, the next consume() claims again.
+        """
         if listener is None:
             time.sleep(min(remaining, self.poll_interval))
             return
         timeout = min(remaining, self.max_wait)
-        next_due = self._seconds_to_next_due(queues)
-        if next_due is not None:
-            timeout = min(timeout, max(next_due, 0.0))
-        listener.wait(timeout)
-
-    def _seconds_to_next_due(self, queues: Sequence[str]) -> float | None:
-        """Seconds until the next delayed message of ``queues`` is due (one query)."""
-        if not queues:
-            return None
-        now = timezone.now()
-        # One index probe per queue (dt_queue_delayed), UNION ALL-ed into one round trip.
-        heads = [self.messages().delayed(q, now).values_list("available_at")[:1] for q in queues]
-        with self._errors("read the delayed messages"):
-            found = list(heads[0].union(*heads[1:], all=True)) if len(heads) > 1 else list(heads[0])
-        return min((at - now).total_seconds() for (at,) in found) if found else None
+        idle_until = listener.idle_until
+        if idle_until is not None:
+            timeout = min(timeout, max(idle_until - time.monotonic(), 0.0))
+        try:
+            listener.wait(timeout)
+        finally:
+            listener.set_idle(queues, None)
 
     def _listener(self, queues: Sequence[str]) -> Listener:
         """This thread's LISTEN connection, listening to ``queues``."""
@@ -613,6 +652,10 @@ class Listener:
     def __init__(self, alias: str, connect_timeout: float) -> None:
         self.alias = alias
         self.channels: set[str] = set()
+        #: Set while the last claim of ``_idle_queues`` (made while listening to them) left
+        #: nothing ready: until a notification, nothing is ready before this monotonic time.
+        self.idle_until: float | None = None
+        self._idle_queues: tuple[str, ...] = ()
         with self._errors("connect"):
             self.connection = psycopg.connect(**_listen_params(alias, connect_timeout))
 
@@ -638,6 +681,22 @@ class Listener:
             for channel in sorted(set(channels) - self.channels):
                 self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 self.channels.add(channel)
+
+    def idle(self, queues: Sequence[str]) -> bool:
+        """Whether the last claim of ``queues`` left nothing ready (see set_idle)."""
+        idle_until = self.idle_until
+        return (
+            idle_until is not None
+            and idle_until > time.monotonic()
+            and tuple(queues) == self._idle_queues
+        )
+
+    def set_idle(self, queues: Sequence[str], idle_until: float | None) -> None:
+        """Note that the last claim of ``queues`` left nothing ready until ``idle_until``.
+
+        None: it may have left messages ready, or the listener woke since.
+        """
+        self.idle_until, self._idle_queues = idle_until, tuple(queues)
 
     def drain(self) -> None:
         """Forget the notifications received so far, without waiting."""
@@ -686,6 +745,13 @@ def _announced(payload: str) -> list[str]:
 def queue_channel(queue: str) -> str:
     """The NOTIFY channel of a queue: a valid identifier whatever the queue's name."""
     return "dt_q_" + hashlib.sha256(queue.encode()).hexdigest()[:32]
+
+
+def _monotonic_at(next_due: datetime | None, now: datetime) -> float:
+    """The monotonic time of ``next_due`` (a time of the database's clock), infinity for None."""
+    if next_due is None:
+        return math.inf
+    return time.monotonic() + max((next_due - now).total_seconds(), 0.0)
 
 
 def _lease(delivery: Delivery) -> tuple[int, str]:

@@ -37,9 +37,15 @@ def can_claim_in_one_statement(connection: BaseDatabaseWrapper) -> bool:
 def claim_sql(vendor: str, quote: str, with_revoked: bool) -> str:
     """``UPDATE ... RETURNING`` leasing up to a number of ready messages of one queue.
 
-    Parameters: leased_until, lease_token, queue, now, count[, the REVOKED state]. ``quote`` is
-    the database's identifier quote (part of the cache key). With ``with_revoked``, the last
-    returned column says whether the task's result row is REVOKED (results on this database).
+    Parameters: leased_until, lease_token, queue, now, count[, the REVOKED state] (see
+    claim_params()). ``quote`` is the database's identifier quote (part of the cache key). With
+    ``with_revoked``, the last returned column says whether the task's result row is REVOKED
+    (results on this database).
+
+    On PostgreSQL every row has one more column, and when fewer than ``count`` rows were
+    leased the statement returns one more row: its pk is NULL and its last column says when
+    the queue's next delayed message is due (NULL when none is). From the same snapshot as the
+    claim, it tells the consumer that nothing else is ready, and how long it may sleep.
     """
 
     def qn(name: str) -> str:
@@ -68,9 +74,20 @@ def claim_sql(vendor: str, quote: str, with_revoked: bool) -> str:
     )
     if vendor == "postgresql":
         # SKIP LOCKED: concurrent consumers take different rows and never wait for each other.
-        return (
+        claim = (
             f"{lease} FROM ({ready} FOR UPDATE SKIP LOCKED) AS picked "
             f"WHERE {table}.{qn('id')} = picked.{qn('id')} RETURNING {', '.join(returned)}"
+        )
+        # One probe of the partial index dt_queue_delayed, made only when the claim is short.
+        next_due = (
+            f"SELECT {qn('available_at')} FROM {table} WHERE {qn('queue')} = %s AND "  # noqa: S608
+            f"{qn('leased_until')} IS NULL AND {qn('delayed')} AND {qn('available_at')} > %s "
+            f"ORDER BY {qn('available_at')} LIMIT 1"
+        )
+        nulls = ", ".join(["NULL"] * len(returned))
+        return (
+            f"WITH claimed AS ({claim}) SELECT *, NULL::timestamptz FROM claimed "  # noqa: S608
+            f"UNION ALL SELECT {nulls}, ({next_due}) WHERE (SELECT count(*) FROM claimed) < %s"
         )
     # SQLite runs one writing statement at a time: the subquery cannot pick a leased row.
     return f"{lease} WHERE {qn('id')} IN ({ready}) RETURNING {', '.join(returned)}"
@@ -81,10 +98,19 @@ def _column(model: type[QueuedMessage] | type[TaskResult], name: str) -> str:
 
 
 def claim_params(
-    leased_until: Any, token: str, queue: str, now: Any, count: int, with_revoked: bool
+    vendor: str,
+    leased_until: Any,
+    token: str,
+    queue: str,
+    now: Any,
+    count: int,
+    with_revoked: bool,
 ) -> list[Any]:
+    """The parameters of claim_sql(), in its order."""
     params: list[Any] = [leased_until, token, queue, now, count]
-    return [*params, TaskState.REVOKED] if with_revoked else params
+    if with_revoked:
+        params.append(TaskState.REVOKED)
+    return [*params, queue, now, count] if vendor == "postgresql" else params
 
 
 #: The columns send_sql() inserts from its JSON document, with their PostgreSQL types.
