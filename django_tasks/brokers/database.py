@@ -748,7 +748,7 @@ def queue_channel(queue: str) -> str:
 
 
 def _monotonic_at(next_due: datetime | None, now: datetime) -> float:
-    """The monotonic time of ``next_due`` (a time of the database's clock), infinity for None."""
+    """The monotonic time of ``next_due`` (an available_at, as ``now``), infinity for None."""
     if next_due is None:
         return math.inf
     return time.monotonic() + max((next_due - now).total_seconds(), 0.0)
