@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from django_tasks.brokers.base import Delivery
 from django_tasks.brokers.database import DatabaseBroker
+from django_tasks.brokers.database_listen import shared_listener
 from django_tasks.conf import BackendConfig
 from django_tasks.exceptions import BrokerConnectionError
 from django_tasks.messages import Message, new_id
@@ -243,6 +244,52 @@ def test_a_consumer_claims_again_after_max_wait_without_a_notification(
     [delivery] = broker.consume(["default"], 1, timeout=30)
     assert delivery.message == sent
     assert time.monotonic() - started < 15  # Its last claim was too old to trust: it claimed.
+
+
+def consume_in_threads(
+    make: BrokerMaker, count: int, timeout: float, threads: int = 2
+) -> tuple[list[Callable[[], tuple[list[Delivery], int]]], DatabaseBroker]:
+    """Start ``threads`` consumers (a broker each, as in a thread pool), all waiting when this
+    returns; each join gives its deliveries and how many claims it made."""
+
+    def consume() -> tuple[list[Delivery], int]:
+        broker = make()
+        broker.max_wait = 600  # Within the test's timeouts, only a notification wakes one.
+        with CaptureQueriesContext(connections["postgres"]) as queries:
+            deliveries = broker.consume(["default"], count, timeout=timeout)
+        return deliveries, sum("RETURNING" in q["sql"] for q in queries.captured_queries)
+
+    joins = [start(consume) for _ in range(threads)]
+    producer = make()
+    listener = shared_listener("postgres", producer.config.connect_timeout)
+    wait_for(lambda: listener.waiting == threads)
+    return joins, producer
+
+
+@postgres_only
+def test_consumer_threads_share_one_listen_connection_and_a_message_wakes_one(
+    make: BrokerMaker,
+) -> None:
+    joins, producer = consume_in_threads(make, count=10, timeout=3)
+    assert len(postgres_sessions("query LIKE 'LISTEN %'")) == 1
+    sent = message()
+    producer.publish(sent)
+    outcomes = sorted((join() for join in joins), key=lambda outcome: len(outcome[0]))
+    (missed, missed_claims), (got, _) = outcomes
+    assert missed == [] and [d.message for d in got] == [sent]
+    # The other consumer slept through it: its first claim and the one after its timeout.
+    assert missed_claims == 2
+
+
+@postgres_only
+def test_a_consumer_whose_claim_came_back_full_wakes_another(make: BrokerMaker) -> None:
+    joins, producer = consume_in_threads(make, count=1, timeout=30)
+    sent = [message(), message()]
+    started = time.monotonic()
+    producer.publish_many(sent)  # One NOTIFY for both.
+    got = [d.message for join in joins for d in join()[0]]
+    assert sorted(m.id for m in got) == sorted(m.id for m in sent)
+    assert time.monotonic() - started < 15  # Woken by the first one, not by the timeout.
 
 
 @postgres_only

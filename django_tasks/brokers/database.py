@@ -43,6 +43,7 @@ from ..exceptions import BrokerConnectionError, DecodeError
 from ..messages import Message, decode
 from ..models import QueuedMessage, QueuedMessageQuerySet, TaskResult
 from .base import Broker, Delivery, Outgoing, PollingWaiter, ResultWaiter, warn_if_lost
+from .database_listen import Listener, SharedListener, shared_listener
 from .database_sql import (
     ack_sql,
     can_claim_in_one_statement,
@@ -54,10 +55,8 @@ from .notifications import NotificationHub
 
 try:
     import psycopg
-    from psycopg import sql
 except ImportError:  # Django may run PostgreSQL on psycopg2: then consumers poll.
     psycopg = None  # type: ignore[assignment]
-    sql = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -98,9 +97,7 @@ class DatabaseBroker(Broker):
         self.alias = config.database
         self._next_lease_check = 0.0
         self._acked_since_vacuum = 0
-        # One LISTEN connection per consuming thread: a waiting thread holds its connection.
-        self._listeners: dict[int, Listener] = {}
-        self._listeners_lock = threading.Lock()
+        self._idle = _Idle()
 
     # Plumbing -------------------------------------------------------------------------------
 
@@ -218,34 +215,54 @@ class DatabaseBroker(Broker):
     def consume(self, queues: Sequence[str], count: int, timeout: float) -> list[Delivery]:
         """Lease up to ``count`` deliveries, waiting up to ``timeout`` seconds for one.
 
-        On PostgreSQL a consumer whose last claim left nothing ready waits for a notification
-        first (its LISTEN began before that claim, so nothing published since goes unnoticed)
-        instead of claiming again: a consumer back from a short batch, or one of the several that
-        a NOTIFY woke for one message, costs the database no empty claim.
+        On PostgreSQL the consumers of a process wait on one shared LISTEN connection, which
+        wakes one of them per notification (see database_listen.py). A consumer whose last claim
+        left nothing ready waits for a notification first (the LISTEN began before that claim,
+        so nothing published since goes unnoticed) instead of claiming again: a consumer back
+        from a short batch costs the database no empty claim.
         """
         if count <= 0:
             return []
         deadline = time.monotonic() + timeout
-        # LISTEN before the first claim, so that nothing published after it goes unnoticed.
-        listener = self._listener(queues) if timeout > 0 and self.can_listen else None
+        listener = self._queue_listener if timeout > 0 and self.can_listen else None
+        channels = frozenset(queue_channel(q) for q in queues)
+        idle = self._idle
         while True:
             remaining = deadline - time.monotonic()
-            if listener is None or not listener.idle(queues):
-                if listener is not None:
-                    listener.drain()  # The claim below answers every notification so far.
-                deliveries, idle_until = self._claim_all(queues, count)
-                if listener is not None:
+            if listener is None or not idle.holds(queues, listener.epoch):
+                if listener is None:
+                    deliveries, idle_until = self._claim_all(queues, count)
+                else:
+                    deliveries, idle_until, epoch = self._claim_listening(
+                        listener, channels, queues, count
+                    )
                     # Claim at least every max_wait: messages made ready without a notification
                     # (an expired lease, a delayed one published far ahead) are seen as before.
                     if idle_until is not None:
                         idle_until = min(idle_until, time.monotonic() + self.max_wait)
-                    listener.set_idle(queues, idle_until)
+                    idle.set(queues, idle_until, epoch)
                 remaining = deadline - time.monotonic()
                 if deliveries:
                     return deliveries
             if remaining <= 0:
                 return []
-            self._wait(listener, queues, remaining)
+            self._wait(listener, channels, queues, remaining)
+
+    def _claim_listening(
+        self, listener: SharedListener, channels: frozenset[str], queues: Sequence[str], count: int
+    ) -> tuple[list[Delivery], float | None, int]:
+        """_claim_all() after the listener's before_claim(); with the epoch of its connection."""
+        # LISTEN before the claim, so that nothing published after it goes unheard.
+        epoch = listener.before_claim(channels)
+        deliveries, idle_until = self._claim_all(queues, count)
+        if listener.after_claim(channels, full=len(deliveries) >= count):
+            try:
+                with self._errors("wake another consumer"):
+                    self._notify_queues(queues)
+            except BrokerConnectionError as exc:
+                # The deliveries are leased: return them. The reader claims within max_wait.
+                logger.warning("Could not wake another consumer: %s", exc)
+        return deliveries, idle_until, epoch
 
     def _claim_all(self, queues: Sequence[str], count: int) -> tuple[list[Delivery], float | None]:
         """Lease up to ``count`` deliveries from ``queues`` in order.
@@ -402,7 +419,13 @@ class DatabaseBroker(Broker):
 
     # Waiting --------------------------------------------------------------------------------
 
-    def _wait(self, listener: Listener | None, queues: Sequence[str], remaining: float) -> None:
+    def _wait(
+        self,
+        listener: SharedListener | None,
+        channels: frozenset[str],
+        queues: Sequence[str],
+        remaining: float,
+    ) -> None:
         """Sleep until a notification, the next delayed message, ``max_wait`` or ``remaining``.
 
         Whatever wakes it, the next consume() claims again.
@@ -411,23 +434,17 @@ class DatabaseBroker(Broker):
             time.sleep(min(remaining, self.poll_interval))
             return
         timeout = min(remaining, self.max_wait)
-        idle_until = listener.idle_until
+        idle_until = self._idle.until
         if idle_until is not None:
             timeout = min(timeout, max(idle_until - time.monotonic(), 0.0))
         try:
-            listener.wait(timeout)
+            listener.wait(channels, timeout)
         finally:
-            listener.set_idle(queues, None)
+            self._idle.set(queues, None, 0)
 
-    def _listener(self, queues: Sequence[str]) -> Listener:
-        """This thread's LISTEN connection, listening to ``queues``."""
-        key = threading.get_ident()
-        with self._listeners_lock:
-            listener = self._listeners.get(key)
-            if listener is None or listener.closed:
-                listener = self._listeners[key] = Listener(self.alias, self.config.connect_timeout)
-        listener.listen(queue_channel(q) for q in queues)
-        return listener
+    @cached_property
+    def _queue_listener(self) -> SharedListener:
+        return shared_listener(self.alias, self.config.connect_timeout)
 
     # Ending leases --------------------------------------------------------------------------
 
@@ -634,81 +651,39 @@ class DatabaseBroker(Broker):
         )
 
     def close(self) -> None:
-        """Close the LISTEN connections; they reopen on the next consume() or wait."""
-        with self._listeners_lock:
-            listeners, self._listeners = list(self._listeners.values()), {}
-        for listener in listeners:
-            listener.close()
+        """Close the LISTEN connections; they reopen on the next consume() or wait.
+
+        The queue listener is the process's (see database_listen.py): the other consumers of
+        the database connect again too.
+        """
+        if "_queue_listener" in self.__dict__:
+            self._queue_listener.close()
         if "_notifications" in self.__dict__:
             self._notifications.close()
 
 
-class Listener:
-    """A dedicated autocommit psycopg connection that LISTENs to channels.
+class _Idle(threading.local):
+    """What a consumer thread's last claim said (see consume())."""
 
-    Raises BrokerConnectionError (after closing itself) when the connection fails.
-    """
+    #: Set while the last claim of ``queues`` (made on the listener's connection ``epoch``)
+    #: left nothing ready: until a notification, nothing is ready before this monotonic time.
+    until: float | None = None
+    queues: tuple[str, ...] = ()
+    epoch = 0
 
-    def __init__(self, alias: str, connect_timeout: float) -> None:
-        self.alias = alias
-        self.channels: set[str] = set()
-        #: Set while the last claim of ``_idle_queues`` (made while listening to them) left
-        #: nothing ready: until a notification, nothing is ready before this monotonic time.
-        self.idle_until: float | None = None
-        self._idle_queues: tuple[str, ...] = ()
-        with self._errors("connect"):
-            self.connection = psycopg.connect(**_listen_params(alias, connect_timeout))
-
-    @property
-    def closed(self) -> bool:
-        return bool(self.connection.closed)
-
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except psycopg.Error as exc:
-            if hasattr(self, "connection"):
-                self.connection.close()
-            raise BrokerConnectionError(
-                f"The database broker could not {action} its LISTEN connection to the database "
-                f"{self.alias!r}: {exc}"
-            ) from exc
-
-    def listen(self, channels: Iterable[str]) -> None:
-        """LISTEN to the ``channels`` not listened to yet."""
-        with self._errors("listen on"):
-            for channel in sorted(set(channels) - self.channels):
-                self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                self.channels.add(channel)
-
-    def idle(self, queues: Sequence[str]) -> bool:
-        """Whether the last claim of ``queues`` left nothing ready (see set_idle)."""
-        idle_until = self.idle_until
+    def holds(self, queues: Sequence[str], epoch: int) -> bool:
+        """Whether the last claim of ``queues`` left nothing ready, as far as anyone knows."""
+        until = self.until
         return (
-            idle_until is not None
-            and idle_until > time.monotonic()
-            and tuple(queues) == self._idle_queues
+            until is not None
+            and until > time.monotonic()
+            and epoch == self.epoch
+            and tuple(queues) == self.queues
         )
 
-    def set_idle(self, queues: Sequence[str], idle_until: float | None) -> None:
-        """Note that the last claim of ``queues`` left nothing ready until ``idle_until``.
-
-        None: it may have left messages ready, or the listener woke since.
-        """
-        self.idle_until, self._idle_queues = idle_until, tuple(queues)
-
-    def drain(self) -> None:
-        """Forget the notifications received so far, without waiting."""
-        self.wait(0)
-
-    def wait(self, timeout: float) -> list[str]:
-        """Wait up to ``timeout`` seconds for notifications; return their payloads."""
-        with self._errors("wait on"):
-            return [n.payload for n in self.connection.notifies(timeout=timeout, stop_after=1)]
-
-    def close(self) -> None:
-        self.connection.close()
+    def set(self, queues: Sequence[str], until: float | None, epoch: int) -> None:
+        """Note what the last claim of ``queues`` said; None: it may have left messages."""
+        self.until, self.queues, self.epoch = until, tuple(queues), epoch
 
 
 class ResultsSubscription:
@@ -724,10 +699,10 @@ class ResultsSubscription:
 
     def read(self, timeout: float) -> list[list[str] | None]:
         """The announcements that arrive within ``timeout``, and any already received."""
-        payloads = self.listener.wait(timeout)
-        if payloads:
-            payloads += self.listener.wait(0)
-        return [_announced(payload) for payload in payloads]
+        notified = self.listener.wait(timeout)
+        if notified:
+            notified += self.listener.wait(0)
+        return [_announced(payload) for _, payload in notified]
 
     def close(self) -> None:
         self.listener.close()
@@ -791,11 +766,3 @@ def _payloads(task_ids: Sequence[str]) -> Iterator[str]:
         size += item
     if chunk:
         yield _compact.encode(chunk)
-
-
-def _listen_params(alias: str, connect_timeout: float) -> dict[str, Any]:
-    """psycopg.connect() arguments for a connection of its own to the database ``alias``."""
-    params = connections[alias].get_connection_params()  # Without any pool.
-    params.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
-    params["autocommit"] = True
-    return params
