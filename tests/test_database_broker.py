@@ -14,6 +14,7 @@ from django.db import IntegrityError, connections, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from django_tasks.brokers import notifications
 from django_tasks.brokers.base import Delivery
 from django_tasks.brokers.database import DatabaseBroker
 from django_tasks.brokers.database_listen import shared_listener
@@ -408,6 +409,49 @@ def test_waiting_callers_share_one_listen_connection(make: BrokerMaker) -> None:
             "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s", ['LISTEN "dt_results"']
         )
         assert cursor.fetchone()[0] == 1
+
+
+@postgres_only
+def test_a_subscription_no_caller_reads_does_not_hold_back_the_notify_queue(
+    make: BrokerMaker,
+) -> None:
+    waiting, announcing = make(), make()
+    task_id = new_id()
+    with waiting.result_waiter(task_id) as waiter:  # Subscribes, then no caller waits.
+        announcing.notify_results([task_id])
+        waiter.wait(10)
+    # Far more than socket buffers hold (~27 MB): unread, its session would stop in the middle
+    # of sending them, and the cluster's NOTIFY queue would keep them until it is full.
+    many = [new_id() for _ in range(250_000)]
+    for _ in range(3):
+        announcing.notify_results(many)
+
+    def queue_usage() -> float:
+        with connections["postgres"].cursor() as cursor:
+            cursor.execute("SELECT pg_notification_queue_usage()")
+            return float(cursor.fetchone()[0])
+
+    wait_for(lambda: queue_usage() == 0, deadline=60)  # Read by the hub's keeper thread.
+
+
+@postgres_only
+def test_a_subscription_unused_for_a_while_is_closed_then_made_again(
+    make: BrokerMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notifications, "KEEP_READ", 0.05)
+    monkeypatch.setattr(notifications, "CLOSE_AFTER", 0.5)
+    waiting, announcing = make(), make()
+    with waiting.result_waiter(new_id()) as waiter:
+        waiter.wait(0.01)
+    subscribed = "query = 'LISTEN \"dt_results\"'"
+    assert postgres_sessions(subscribed)
+    wait_for(lambda: not postgres_sessions(subscribed))
+    task_id = new_id()
+    with waiting.result_waiter(task_id) as waiter:
+        announcing.notify_results([task_id])
+        started = time.monotonic()
+        waiter.wait(30)
+        assert time.monotonic() - started < 15  # Woken by the announcement.
 
 
 class ResultsOnPostgres:

@@ -19,6 +19,13 @@ not finished, and the caller waits straight away. While there is no subscription
 unreachable), waiters poll the store instead: slower, never wrong; the subscription is tried again
 after RETRY_AFTER seconds. When a subscription is lost, every waiter is woken, since announcements
 may have been missed: a spurious wake-up only costs the caller one more read of the store.
+
+A subscription that no one reads must not fill up: a PostgreSQL session whose client leaves its
+notifications unread stops in the middle of sending them, and the server's NOTIFY queue, shared
+by every database of the cluster, then grows until NOTIFY fails everywhere (sends and acks
+included); Redis drops a subscriber whose output buffer overflows. So while a subscription is
+open, a keeper thread reads what arrived every KEEP_READ seconds when no caller is reading, and
+closes the subscription once no caller has waited for CLOSE_AFTER seconds.
 """
 
 from __future__ import annotations
@@ -40,6 +47,12 @@ logger = logging.getLogger("django_tasks.brokers")
 RETRY_AFTER = 1.0
 #: How many announced ids a hub remembers, for unannounced().
 REMEMBERED = 4096
+#: Seconds between two reads of the keeper thread while no caller reads the subscription.
+KEEP_READ = 1.0
+#: The most reads of one pass of the keeper (each takes what the socket holds).
+KEEP_READS = 1000
+#: Seconds without a waiter after which the keeper closes the subscription.
+CLOSE_AFTER = 300.0
 
 #: Where a hub's subscription stood when a message was sent: (hub token, epoch, reads).
 Mark = tuple[str, int, int]
@@ -79,6 +92,8 @@ class NotificationHub:
         self._reads = 0
         self._announced: dict[str, int] = {}  # id -> the read that brought it, oldest first
         self._forgotten = 0  # the latest read whose ids are no longer all in _announced
+        self._keeper: threading.Thread | None = None
+        self._last_waiter = time.monotonic()
 
     def waiter(self, task_id: str) -> ResultWaiter:
         """A waiter for ``task_id``, registered (and the subscription live) when this returns."""
@@ -86,6 +101,7 @@ class NotificationHub:
         with self._cond:
             self._forget_if_forked()
             self._waiters.setdefault(task_id, set()).add(waiter)
+            self._last_waiter = time.monotonic()
             if self._subscription is None and time.monotonic() >= self._retry_at:
                 self._connect()
         return waiter
@@ -146,8 +162,11 @@ class NotificationHub:
                     self._cond.wait(remaining)
             waiter.woken = False
 
-    def _read(self, timeout: float) -> None:
-        """Read the subscription once as the reader (called and returns with the lock held)."""
+    def _read(self, timeout: float) -> int:
+        """Read the subscription once as the reader (called and returns with the lock held).
+
+        Returns how many announcements it read.
+        """
         subscription = self._subscription
         assert subscription is not None
         self._reading = True
@@ -170,7 +189,7 @@ class NotificationHub:
                 self._retry_at = time.monotonic() + RETRY_AFTER
             _close_quietly(subscription)
             self._wake_all()
-            return
+            return 0
         if self._subscription is not subscription:  # Closed meanwhile.
             _close_quietly(subscription)
         for task_ids in announced:
@@ -183,6 +202,7 @@ class NotificationHub:
                 for waiter in self._waiters.get(task_id, ()):
                     waiter.woken = True
         self._cond.notify_all()  # The woken ones return; one of the others reads next.
+        return len(announced)
 
     def _remember(self, task_id: str) -> None:
         announced = self._announced
@@ -222,6 +242,34 @@ class NotificationHub:
             logger.warning("Cannot subscribe to result notifications at %s (%s); waiting "
                            "callers poll the result store.", self.name, exc)  # fmt: skip
             self._retry_at = time.monotonic() + RETRY_AFTER
+            return
+        if self._keeper is None:
+            self._keeper = threading.Thread(
+                target=self._keep, name="django_tasks-notifications", daemon=True
+            )
+            self._keeper.start()
+
+    def _keep(self) -> None:
+        """The keeper thread: read what no caller reads; close the subscription when unused."""
+        me = threading.current_thread()
+        while True:
+            time.sleep(KEEP_READ)
+            with self._cond:
+                if self._keeper is not me or self._subscription is None:
+                    if self._keeper is me:
+                        self._keeper = None
+                    return
+                if self._reading or any(self._waiters.values()):
+                    continue
+                if time.monotonic() - self._last_waiter < CLOSE_AFTER:
+                    # Until nothing more is there (a caller who comes meanwhile waits on it).
+                    for _ in range(KEEP_READS):
+                        if not self._read(0) or self._subscription is None:
+                            break
+                    continue
+                self._keeper = None
+            self.close()
+            return
 
     def _forget_if_forked(self) -> None:
         """A forked child must not read its parent's connection: it subscribes anew."""
@@ -229,6 +277,7 @@ class NotificationHub:
             self._pid = os.getpid()
             self._subscription = None
             self._reading = False
+            self._keeper = None  # The parent's thread is not in this process.
             self._waiters = {}
             self._token = secrets.token_hex(8)
             self._announced = {}
