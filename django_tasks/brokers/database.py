@@ -43,7 +43,7 @@ from ..exceptions import BrokerConnectionError, DecodeError
 from ..messages import Message, decode
 from ..models import QueuedMessage, QueuedMessageQuerySet, TaskResult
 from .base import Broker, Delivery, Outgoing, PollingWaiter, ResultWaiter, warn_if_lost
-from .database_listen import Listener, SharedListener, shared_listener
+from .database_listen import Listener, SharedListener, per_process, shared_listener
 from .database_sql import (
     ack_sql,
     can_claim_in_one_statement,
@@ -645,9 +645,14 @@ class DatabaseBroker(Broker):
 
     @cached_property
     def _notifications(self) -> NotificationHub:
-        return NotificationHub(
-            self.config.safe_broker_url(),
-            lambda: ResultsSubscription(self.alias, self.config.connect_timeout),
+        """The process's hub for this database, whichever thread's broker made it."""
+        alias, timeout = self.alias, self.config.connect_timeout
+        return per_process(
+            "results",
+            alias,
+            lambda: NotificationHub(
+                self.config.safe_broker_url(), lambda: ResultsSubscription(alias, timeout)
+            ),
         )
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from django.db import connections
 
@@ -315,20 +315,26 @@ def _listen_params(alias: str, connect_timeout: float) -> dict[str, Any]:
     return params
 
 
-_shared: dict[tuple[Any, ...], SharedListener] = {}
+_shared: dict[tuple[Any, ...], Any] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_listener(alias: str, connect_timeout: float) -> SharedListener:
-    """This process's SharedListener of the database ``alias``.
+def per_process[T](kind: str, alias: str, make: Callable[[], T]) -> T:
+    """This process's one ``kind`` object for the database ``alias``, made on first use.
 
-    Every broker of the process on that database gets the same one: each thread has a broker of
-    its own (as Django gives each thread its own backends), and all of them share the listener.
+    Each thread has a broker of its own (as Django gives each thread its own backends); what
+    holds a LISTEN connection is shared by all of them instead.
     """
     db = connections[alias].settings_dict
-    key = (alias, db.get("NAME"), db.get("HOST"), db.get("PORT"), db.get("USER"))
+    key = (kind, alias, db.get("NAME"), db.get("HOST"), db.get("PORT"), db.get("USER"))
     with _shared_lock:
-        listener = _shared.get(key)
-        if listener is None:
-            listener = _shared[key] = SharedListener(lambda: Listener(alias, connect_timeout))
-        return listener
+        if key not in _shared:
+            _shared[key] = make()
+        return cast("T", _shared[key])
+
+
+def shared_listener(alias: str, connect_timeout: float) -> SharedListener:
+    """This process's SharedListener of the database ``alias``."""
+    return per_process(
+        "queues", alias, lambda: SharedListener(lambda: Listener(alias, connect_timeout))
+    )
