@@ -476,6 +476,17 @@ def test_waiting_callers_share_one_subscription(
             worker.notify_results([task_id])
             waiter.wait(10)
     assert subscribers(client, broker) == 1
+
+    def wait_with_a_broker_of_its_own() -> None:  # As Django gives each thread its backends.
+        task_id = new_id()
+        with make(KEY_PREFIX="shared").result_waiter(task_id) as waiter:
+            worker.notify_results([task_id])
+            waiter.wait(10)
+
+    other = threading.Thread(target=wait_with_a_broker_of_its_own)
+    other.start()
+    other.join(30)
+    assert subscribers(client, broker) == 1
     # Callers in several threads wait at once; each returns when its own id is announced.
     ids = [new_id() for _ in range(4)]
     returned: dict[str, float] = {}

@@ -16,11 +16,12 @@ order given.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..conf import BackendConfig
 from ..messages import Message, encode
@@ -225,3 +226,19 @@ def warn_if_lost(
             len(deliveries),
             action,
         )
+
+
+_per_process: dict[Hashable, Any] = {}
+_per_process_lock = threading.Lock()
+
+
+def per_process[T](key: Hashable, make: Callable[[], T]) -> T:
+    """This process's one object for ``key``, made by ``make()`` on first use.
+
+    Each thread has a broker of its own (Django gives each thread its own backends); what holds
+    a subscription or a LISTEN connection is shared by all of them instead.
+    """
+    with _per_process_lock:
+        if key not in _per_process:
+            _per_process[key] = make()
+        return cast("T", _per_process[key])

@@ -42,8 +42,16 @@ from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, DecodeError
 from ..messages import Message, decode
 from ..models import QueuedMessage, QueuedMessageQuerySet, TaskResult
-from .base import Broker, Delivery, Outgoing, PollingWaiter, ResultWaiter, warn_if_lost
-from .database_listen import Listener, SharedListener, per_process, shared_listener
+from .base import (
+    Broker,
+    Delivery,
+    Outgoing,
+    PollingWaiter,
+    ResultWaiter,
+    per_process,
+    warn_if_lost,
+)
+from .database_listen import Listener, SharedListener, database_key, shared_listener
 from .database_sql import (
     ack_sql,
     can_claim_in_one_statement,
@@ -648,8 +656,7 @@ class DatabaseBroker(Broker):
         """The process's hub for this database, whichever thread's broker made it."""
         alias, timeout = self.alias, self.config.connect_timeout
         return per_process(
-            "results",
-            alias,
+            database_key("results", alias),
             lambda: NotificationHub(
                 self.config.safe_broker_url(), lambda: ResultsSubscription(alias, timeout)
             ),

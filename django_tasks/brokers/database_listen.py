@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
 from django.db import connections
 
 from ..exceptions import BrokerConnectionError
+from .base import per_process
 
 try:
     import psycopg
@@ -315,26 +316,15 @@ def _listen_params(alias: str, connect_timeout: float) -> dict[str, Any]:
     return params
 
 
-_shared: dict[tuple[Any, ...], Any] = {}
-_shared_lock = threading.Lock()
-
-
-def per_process[T](kind: str, alias: str, make: Callable[[], T]) -> T:
-    """This process's one ``kind`` object for the database ``alias``, made on first use.
-
-    Each thread has a broker of its own (as Django gives each thread its own backends); what
-    holds a LISTEN connection is shared by all of them instead.
-    """
+def database_key(kind: str, alias: str) -> tuple[str, ...]:
+    """A per_process() key for ``kind`` on the database ``alias`` as configured now."""
     db = connections[alias].settings_dict
-    key = (kind, alias, db.get("NAME"), db.get("HOST"), db.get("PORT"), db.get("USER"))
-    with _shared_lock:
-        if key not in _shared:
-            _shared[key] = make()
-        return cast("T", _shared[key])
+    return (kind, alias, *(str(db.get(k)) for k in ("NAME", "HOST", "PORT", "USER")))
 
 
 def shared_listener(alias: str, connect_timeout: float) -> SharedListener:
     """This process's SharedListener of the database ``alias``."""
     return per_process(
-        "queues", alias, lambda: SharedListener(lambda: Listener(alias, connect_timeout))
+        database_key("queues", alias),
+        lambda: SharedListener(lambda: Listener(alias, connect_timeout)),
     )

@@ -2,8 +2,9 @@
 
 ``AsyncResult.get()`` waits for a worker to announce that the result is stored. Opening a
 subscription for each call would cost a connection (and, on PostgreSQL, a server process) per
-call; instead each broker keeps one ``NotificationHub`` per process, whose subscription is made
-on first use and kept.
+call; instead a process has one ``NotificationHub`` per Redis server or database, shared by the
+brokers of all its threads (base.per_process()), whose subscription is made on first use and
+kept while callers use it (see the keeper below).
 
 No thread of ours reads it: a waiting caller does. One waiter at a time reads the subscription
 (the reader) and hands the ids it receives to the waiters they concern; the others sleep until

@@ -43,7 +43,7 @@ from redis.retry import Retry
 from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, BrokerError, DecodeError
 from ..messages import Message, decode, encode
-from .base import Broker, Delivery, Outgoing, ResultWaiter, warn_if_lost
+from .base import Broker, Delivery, Outgoing, ResultWaiter, per_process, warn_if_lost
 from .notifications import NotificationHub
 from .redis_keys import QueueKeys, queue_keys, results_channel
 
@@ -1073,9 +1073,15 @@ class RedisBroker(Broker):
 
     @functools.cached_property
     def _notifications(self) -> NotificationHub:
-        return NotificationHub(
-            self.config.safe_broker_url(),
-            lambda: RedisSubscription(self),
+        """The process's hub for this server and prefix, whichever thread's broker made it.
+
+        Its subscriptions are made with that broker's client (made again if it was closed).
+        """
+        config = self.config
+        options = repr(sorted(config.redis_options.items()))
+        key = ("redis", config.broker_url, config.key_prefix, config.connect_timeout, options)
+        return per_process(
+            key, lambda: NotificationHub(config.safe_broker_url(), lambda: RedisSubscription(self))
         )
 
 
