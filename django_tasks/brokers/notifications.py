@@ -215,6 +215,7 @@ class NotificationHub:
 
     def discard(self, waiter: HubWaiter) -> None:
         with self._cond:
+            self._last_waiter = time.monotonic()  # It waited until now.
             waiters = self._waiters.get(waiter.task_id)
             if waiters is not None:
                 waiters.discard(waiter)
