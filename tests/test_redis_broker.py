@@ -499,7 +499,8 @@ def test_waiting_callers_share_one_subscription(
     threads = [threading.Thread(target=wait, args=pair) for pair in zip(ids, waiters, strict=True)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)  # Let them all block: the wake-ups under test come later.
+    # The wake-ups under test come once they all wait (one reads, the others wait their turn).
+    wait_for(lambda: broker._notifications.blocked == len(ids))
     announced = {}
     for task_id in reversed(ids):
         announced[task_id] = time.monotonic()

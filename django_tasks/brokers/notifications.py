@@ -95,6 +95,7 @@ class NotificationHub:
         self._forgotten = 0  # the latest read whose ids are no longer all in _announced
         self._keeper: threading.Thread | None = None
         self._last_waiter = time.monotonic()
+        self._blocked = 0  # callers inside wait()
 
     def waiter(self, task_id: str) -> ResultWaiter:
         """A waiter for ``task_id``, registered (and the subscription live) when this returns."""
@@ -151,17 +152,26 @@ class NotificationHub:
     def wait(self, waiter: HubWaiter, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not waiter.woken:
-                if self._subscription is None:
-                    break  # Nothing to read: the caller polls the store.
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                if not self._reading:
-                    self._read(remaining)
-                else:
-                    self._cond.wait(remaining)
-            waiter.woken = False
+            self._blocked += 1
+            try:
+                while not waiter.woken:
+                    if self._subscription is None:
+                        break  # Nothing to read: the caller polls the store.
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    if not self._reading:
+                        self._read(remaining)
+                    else:
+                        self._cond.wait(remaining)
+                waiter.woken = False
+            finally:
+                self._blocked -= 1
+
+    @property
+    def blocked(self) -> int:
+        """How many callers are inside wait() now (one reading, the others on the lock)."""
+        return self._blocked
 
     def _read(self, timeout: float) -> int:
         """Read the subscription once as the reader (called and returns with the lock held).

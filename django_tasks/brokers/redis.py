@@ -559,8 +559,10 @@ def _translate_errors(
 class RedisBroker(Broker):
     """A broker keeping its queues in Redis (BROKER_URL ``redis://``, ``rediss://``, ``unix://``).
 
-    The client is made on first use and shared by the threads of the process (redis-py's
-    connection pool is thread-safe). REDIS_OPTIONS are passed to ``redis.Redis.from_url()`` and
+    The client is made on first use and shared by the threads that use this broker (redis-py's
+    connection pool is thread-safe). Django gives each thread its own task backends, and so its
+    own broker and client; what must be one per process, the result subscription, is kept by
+    ``per_process()``. REDIS_OPTIONS are passed to ``redis.Redis.from_url()`` and
     override the defaults of ``client_options()``.
     """
 
