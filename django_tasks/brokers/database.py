@@ -51,7 +51,13 @@ from .base import (
     per_process,
     warn_if_lost,
 )
-from .database_listen import Listener, SharedListener, database_key, shared_listener
+from .database_listen import (
+    Listener,
+    SharedListener,
+    can_listen_with_psycopg,
+    database_key,
+    shared_listener,
+)
 from .database_sql import (
     ack_sql,
     can_claim_in_one_statement,
@@ -60,11 +66,6 @@ from .database_sql import (
     send_sql,
 )
 from .notifications import NotificationHub
-
-try:
-    import psycopg
-except ImportError:  # Django may run PostgreSQL on psycopg2: then consumers poll.
-    psycopg = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -126,7 +127,7 @@ class DatabaseBroker(Broker):
     @property
     def can_listen(self) -> bool:
         """Whether this process can LISTEN: PostgreSQL and psycopg 3."""
-        return self.can_notify and psycopg is not None
+        return self.can_notify and can_listen_with_psycopg()
 
     def messages(self) -> QueuedMessageQuerySet:
         """Every message of this broker's database."""

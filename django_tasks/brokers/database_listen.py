@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 from django.db import connections
@@ -31,12 +32,19 @@ from django.db import connections
 from ..exceptions import BrokerConnectionError
 from .base import per_process
 
-try:
-    import psycopg
-    from psycopg import sql
-except ImportError:  # Django may run PostgreSQL on psycopg2: then consumers poll.
-    psycopg = None  # type: ignore[assignment]
-    sql = None  # type: ignore[assignment]
+
+@cache
+def can_listen_with_psycopg() -> bool:
+    """Whether psycopg 3 is installed; Django may run PostgreSQL on psycopg2: consumers poll then.
+
+    Asked only for a PostgreSQL database, so that a worker on SQLite or MySQL never loads
+    psycopg and libpq (about 9 MiB of every process).
+    """
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class Listener:
@@ -47,6 +55,8 @@ class Listener:
     """
 
     def __init__(self, alias: str, connect_timeout: float) -> None:
+        import psycopg
+
         self.alias = alias
         self.channels: set[str] = set()
         with self._errors("connect"):
@@ -58,6 +68,8 @@ class Listener:
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:
+        import psycopg
+
         try:
             yield
         except psycopg.Error as exc:
@@ -70,6 +82,8 @@ class Listener:
 
     def listen(self, channels: Iterable[str]) -> None:
         """LISTEN to the ``channels`` not listened to yet."""
+        from psycopg import sql
+
         with self._errors("listen on"):
             for channel in sorted(set(channels) - self.channels):
                 self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
