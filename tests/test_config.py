@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
+from django.core import checks
 from django.core.management import call_command
-from django.core.management.base import SystemCheckError
+from django.core.management.base import CommandError, SystemCheckError
 from django.test import override_settings
 
 from django_tasks.backend import get_backend
 from django_tasks.conf import BackendConfig, mask_url
 from django_tasks.exceptions import ConfigurationError
+from django_tasks.management.commands.runworker import Command as RunWorker
 
 BACKEND = "django_tasks.backend.TasksBackend"
 check_db = pytest.mark.django_db
@@ -81,6 +86,49 @@ def test_check_reports_unknown_database_and_route_queue() -> None:
 @check_db
 def test_check_passes_on_the_test_settings() -> None:
     call_command("check")
+
+
+@check_db
+@override_settings(TASKS={"default": {"BACKEND": BACKEND, "OPTIONS": {"DATABASE": "nope"}}})
+def test_runworker_refuses_to_start_on_a_backend_error() -> None:
+    with pytest.raises(CommandError, match=r"django_tasks\.E002.*'nope'"):
+        call_command("runworker", "--burst", skip_checks=False)
+
+
+@pytest.fixture
+def failing_check() -> Iterator[Any]:
+    """Register a check that reports an error under the tag given; unregister it afterwards."""
+    registered: list[Any] = []
+
+    def register(tag: str) -> None:
+        def failing(**kwargs: Any) -> list[checks.CheckMessage]:
+            return [checks.Error(f"broken {tag}", id="tests.E001")]
+
+        checks.register(failing, tag)
+        registered.append(failing)
+
+    yield register
+    for check in registered:
+        checks.registry.registry.registered_checks.discard(check)
+
+
+@check_db
+@pytest.mark.parametrize("tag", [checks.Tags.urls, checks.Tags.templates, checks.Tags.security])
+def test_runworker_leaves_the_web_side_checks_to_manage_py_check(
+    failing_check: Any, tag: str
+) -> None:
+    failing_check(tag)
+    RunWorker().check()  # A worker serves no URL and renders no template...
+    with pytest.raises(SystemCheckError, match=f"broken {tag}"):
+        call_command("check")  # ...the project's check still reports it.
+
+
+@check_db
+@pytest.mark.parametrize("tag", [checks.Tags.models, checks.Tags.caches, "django_tasks"])
+def test_runworker_stops_on_the_checks_of_what_it_runs(failing_check: Any, tag: str) -> None:
+    failing_check(tag)
+    with pytest.raises(SystemCheckError, match=f"broken {tag}"):
+        RunWorker().check()
 
 
 def test_each_thread_gets_the_backend_of_the_current_settings() -> None:

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
+from django.apps import AppConfig
+from django.core import checks
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...backend import get_backend
 from ...worker import Worker
 from ...worker.logs import LOG_FORMAT, WorkerFormatter, skip_unheard
+
+#: System checks of the web side, which a worker leaves to ``manage.py check`` and ``runserver``:
+#: it serves no URL, renders no template and makes no migration, and running them would load the
+#: URLconf, the template engines and the migration autodetector into every worker for good.
+WEB_CHECK_TAGS = frozenset({
+    checks.Tags.admin, checks.Tags.commands, checks.Tags.security, checks.Tags.staticfiles,
+    checks.Tags.templates, checks.Tags.urls,
+})  # fmt: skip
 
 
 class Command(BaseCommand):
@@ -78,9 +89,34 @@ class Command(BaseCommand):
         )
         parser.add_argument("-n", "--hostname", default=None, help="Name this worker reports.")
 
+    def check(
+        self,
+        app_configs: Sequence[AppConfig] | None = None,
+        tags: Sequence[str] | None = None,
+        display_num_errors: bool = False,
+        include_deployment_checks: bool = False,
+        fail_level: int = checks.ERROR,
+        databases: Sequence[str] | None = None,
+    ) -> None:
+        """Run the system checks a worker depends on (models, caches, mail, ours, ...).
+
+        ``tags`` (None when Django runs the checks before ``handle()``) defaults to every tag
+        but WEB_CHECK_TAGS. Checks without a tag, such as Django's check of the TASKS backends,
+        run only without a tag filter: ``handle()`` checks the backend it serves itself.
+        """
+        if tags is None:
+            tags = sorted(checks.registry.registry.tags_available() - WEB_CHECK_TAGS)
+        super().check(
+            app_configs, tags, display_num_errors, include_deployment_checks, fail_level, databases
+        )
+
     def handle(self, *args: Any, **options: Any) -> None:
         self._configure_logging(options["loglevel"])
         backend = get_backend(options["backend"])
+        if not options["skip_checks"]:
+            errors = [m for m in backend.check() if m.is_serious() and not m.is_silenced()]
+            if errors:
+                raise CommandError("\n".join(str(error) for error in errors))
         queues = [q.strip() for q in options["queues"].split(",") if q.strip()]
         self._validate(backend.queues, queues, options)
         worker_options: dict[str, Any] = {
