@@ -38,7 +38,7 @@ def can_listen_with_psycopg() -> bool:
     """Whether psycopg 3 is installed; Django may run PostgreSQL on psycopg2: consumers poll then.
 
     Asked only for a PostgreSQL database, so that a worker on SQLite or MySQL never loads
-    psycopg and libpq (about 9 MiB of every process).
+    psycopg and libpq (about 8 MiB of every process).
     """
     try:
         import psycopg  # noqa: F401
