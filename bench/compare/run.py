@@ -29,7 +29,7 @@ from typing import Any
 # Run as a script, this file's directory is on sys.path, not the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from bench.bench import cpu_model, git_describe
+from bench.bench import compile_bytecode, cpu_model, git_describe
 from bench.compare import processes, report, services
 from bench.compare.libraries import FAMILIES, Library, select
 from bench.compare.phases import Context, Session
@@ -282,6 +282,7 @@ def main() -> int:
     )
     started = time.monotonic()
     broken_venvs = prepare_venvs(args.selected)
+    compile_bytecode()  # As pip compiled the peers' code (and their adapters' here, too).
     payload: dict[str, Any] = {"machine": info, "parameters": vars_of(args), "libraries": {}}
     rows: list[dict[str, Any]] = []
     try:
