@@ -39,6 +39,9 @@ CONN_MAX_AGE = "600"
 #: redis-py single LPUSHes timed right before each one-call enqueue, as its reference (in a fresh
 #: client process, as the enqueue is; and in the harness).
 LPUSH_BESIDE = 10_000
+#: Blocks of one-call enqueues and of LPUSHes alternated in one client process (the interleaved
+#: ratio): ``ctx.tasks`` of each in all.
+INTERLEAVED_BLOCKS = 10
 
 
 @dataclass
@@ -257,6 +260,20 @@ class Session:
             figures["redis_bytes_per_task"] = (self.ctx.used_memory() - memory_before) / count
         return figures
 
+    def enqueue_interleaved(self) -> dict[str, Any]:
+        """One-call enqueues and single ``LPUSH``es alternated in blocks in one fresh client.
+
+        The ratio of the two rates is the enqueue's share of the one-round-trip limit, with the
+        drift of the machine and the scheduler's placement of the process taken out: both
+        loops share them. Redis-backed libraries only (a database broker's enqueue is no
+        Redis round trip); what it queues is flushed before the next phase.
+        """
+        count = str(self.ctx.tasks)
+        return self.client(
+            "interleaved", "--count", count, "--blocks", str(INTERLEAVED_BLOCKS),
+            deadline=self.limits["enqueue"],
+        )  # fmt: skip
+
     def drain(self, worker: Worker, queued: int, window: int | None = None) -> dict[str, Any]:
         """Start the worker on a full queue; time the completions through the counter.
 
@@ -343,6 +360,11 @@ class Session:
 
     def _measure(self, pool: Pool, run: int, label: str, figures: dict[str, Any]) -> None:
         self.reset()
+        if self.lib.redis_broker:
+            figures["enqueue_interleaved"] = self.enqueue_interleaved()
+            say(label, "enqueue ÷ LPUSH, interleaved", figures["enqueue_interleaved"],
+                "per_lpush", "x")  # fmt: skip
+            self.reset()
         if self.bulk_api:
             figures["enqueue_bulk"] = self.enqueue(bulk=True)
             say(label, "bulk enqueue", figures["enqueue_bulk"], "per_second", "tasks/s")
@@ -414,5 +436,10 @@ def say(label: str, what: str, figures: dict[str, Any], key: str, unit: str) -> 
     elif figures.get(key) is None:
         text = "n/a"
     else:
-        text = f"{figures[key]:,.1f} {unit}" if unit == "ms" else f"{figures[key]:,.0f} {unit}"
+        value = figures[key]
+        text = (
+            f"{value:.3f}x" if unit == "x"
+            else f"{value:,.1f} {unit}" if unit == "ms"
+            else f"{value:,.0f} {unit}"
+        )  # fmt: skip
     print(f"  [{label}] {what}: {text}", flush=True)

@@ -12,6 +12,7 @@ from bench.compare.services import IDLE_SECONDS
 FIGURES: dict[str, tuple[str, str]] = {
     "enqueue_per_s": ("enqueue", "per_second"),
     "enqueue_per_lpush": ("enqueue", "per_lpush_beside"),
+    "enqueue_per_lpush_interleaved": ("enqueue_interleaved", "per_lpush"),
     "bulk_per_s": ("enqueue_bulk", "per_second"),
     "drain_per_s": ("drain", "per_second"),
     "drain_incl_start_per_s": ("drain", "per_second_incl_start"),
@@ -150,6 +151,7 @@ def ratio_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
         "django_tasks row",
         "enqueue ÷ best peer",
         "enqueue ÷ redis-py LPUSH (timed beside it)",
+        "enqueue ÷ redis-py LPUSH (interleaved in one process)",
         "bulk ÷ best peer bulk",
         "bulk ÷ pipelined LPUSH",
         "drain ÷ best peer",
@@ -167,6 +169,7 @@ def ratio_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
         cells = [
             ratio(m["enqueue_per_s"], best(rows, "enqueue_per_s")),
             lpush_ratio(m, reference),
+            ratio(m["enqueue_per_lpush_interleaved"], 1.0),
             ratio(m["bulk_per_s"], best(rows, "bulk_per_s")),
             ratio(m["bulk_per_s"], reference.get("redis_py_lpush_pipelined")),
             ratio(m["drain_per_s"], best(rows, "drain_per_s")),

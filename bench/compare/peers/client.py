@@ -3,6 +3,7 @@
     python client.py ADAPTER enqueue --count N [--bulk] --deadline S
     python client.py ADAPTER latency --runs M --deadline S
     python client.py ADAPTER lpush --count N --deadline S
+    python client.py ADAPTER interleaved --count N --blocks K --deadline S
     python client.py ADAPTER migrate | purge | versions
 
 ADAPTER is the module of one library (``huey_app``, ``q2_site.adapter``...). It provides:
@@ -94,6 +95,46 @@ def lpush(count: int) -> dict[str, Any]:
     return {"status": "ok", "tasks": count, "seconds": elapsed, "per_second": count / elapsed}
 
 
+def interleaved(adapter: ModuleType, count: int, blocks: int, deadline: float) -> dict[str, Any]:
+    """One-call enqueues and redis-py single ``LPUSH``es in alternate blocks, in this process.
+
+    ``count`` of each in ``blocks`` blocks, an ``LPUSH`` block first, after one unmeasured call
+    of each. Both loops run in the same process at the same moments, so the ratio of their
+    rates is not moved by the machine's drift or by where the scheduler put this process,
+    which move two fresh processes' rates apart by a tenth or more.
+    """
+    stop_at = time.monotonic() + deadline
+    conn = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"], single_connection_client=True)
+    block = max(1, count // blocks)
+    lpush_seconds = enqueue_seconds = 0.0
+    done = 0
+    try:
+        conn.lpush("bench:reference", b"x")
+        adapter.enqueue_one()
+        while done < count and time.monotonic() < stop_at:
+            step = min(block, count - done)
+            started = time.perf_counter()
+            for _ in range(step):
+                conn.lpush("bench:reference", b"x")
+            lpush_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            for _ in range(step):
+                adapter.enqueue_one()
+            enqueue_seconds += time.perf_counter() - started
+            done += step
+        conn.delete("bench:reference")
+    finally:
+        conn.close()
+    return {
+        "status": "ok" if done == count else "overran",
+        "detail": f"{done}/{count} of each in blocks of {block} (deadline {deadline:.0f} s)",
+        "tasks": done,
+        "per_second": done / enqueue_seconds,
+        "lpush_per_second": done / lpush_seconds,
+        "per_lpush": lpush_seconds / enqueue_seconds,
+    }
+
+
 def timed_round_trip(adapter: ModuleType) -> float | None:
     """One round trip in milliseconds; None when it timed out."""
     started = time.perf_counter()
@@ -182,6 +223,8 @@ def run(adapter: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "purge":
         getattr(adapter, "purge", lambda: None)()
         return {"status": "ok"}
+    if args.mode == "interleaved":
+        return interleaved(adapter, args.count, args.blocks, args.deadline)
     if args.mode == "enqueue":
         if args.bulk and adapter.enqueue_bulk is None:
             return {"status": "n/a", "detail": "no bulk API"}
@@ -192,10 +235,11 @@ def run(adapter: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("adapter")
-    modes = ["enqueue", "latency", "lpush", "migrate", "purge", "versions"]
+    modes = ["enqueue", "interleaved", "latency", "lpush", "migrate", "purge", "versions"]
     parser.add_argument("mode", choices=modes)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--bulk", action="store_true")
+    parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--idle", type=float, default=IDLE_SECONDS)
