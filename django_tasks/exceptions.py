@@ -85,6 +85,14 @@ class TimeLimitExceeded(TasksError):
     """The task ran past its ``time_limit`` and its pool process was stopped."""
 
 
+class RetryNotSent(TasksError):
+    """The task asked for a retry whose message could not be sent (too large, say)."""
+
+
+class ResultRefused(TasksError):
+    """The database refused to store the task's result (or arguments, or error) as they were."""
+
+
 class WorkerLostError(TasksError):
     """The pool process running the task died (killed, crashed or out of memory)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import traceback as tb
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -9,16 +10,32 @@ from inspect import isclass
 from typing import Any
 
 from django.conf import settings
-from django.db import router
+from django.db import DatabaseError, InterfaceError, OperationalError, router
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from ..exceptions import TaskFailedError
+from ..exceptions import ResultRefused, TaskFailedError
 from ..messages import Message
 from ..models import TaskResult
 from ..states import UNREADY_STATES, TaskState
 from .bulk import fetch, upsert, upsert_statement
+
+logger = logging.getLogger("django_tasks.results")
+
+#: Errors that writing again may cure: the database could not be reached, was locked or busy.
+RETRYABLE_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database refused the values written, so writing them again
+    would fail again: a data error (a NUL character in PostgreSQL's jsonb, a value too long
+    for its column), an integrity error, or a value that cannot even be encoded for it.
+    """
+    if isinstance(exc, RETRYABLE_ERRORS):
+        return False
+    return isinstance(exc, DatabaseError | ValueError | TypeError | RecursionError)
+
 
 #: The reason AsyncResult.revoke() stores: a task not started yet is skipped, a running one
 #: carries on.
@@ -84,6 +101,41 @@ class ResultStore:
         """
         self._add_earlier_errors(results)
         self._upsert(results, FINISHED_FIELDS)
+
+    def save_finished_or_lean(self, results: Sequence[TaskResult]) -> list[TaskResult]:
+        """save_finished(), where the database refuses no row for good.
+
+        When the batch is refused (see is_refusal()), each row is written alone; a row the
+        database refuses is replaced by a lean one: FAILURE with ResultRefused, which says
+        what was refused, without the arguments, result and traceback that may hold the
+        offending value. The other rows of the batch are stored as they are. Returns the rows
+        not even a lean row could store (an id too long for its column). Connection errors
+        are raised: the caller writes again later.
+        """
+        try:
+            self.save_finished(results)
+            return []
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+        unstored = []
+        for result in results:
+            try:
+                self.save_finished([result])
+                continue
+            except Exception as exc:
+                if not is_refusal(exc):
+                    raise
+                refusal = exc
+            try:
+                self.save_finished([lean_row(result, refusal)])
+            except Exception as exc:
+                if not is_refusal(exc):
+                    raise
+                logger.error("The result store refused task %s[%s] even without its values: "
+                             "%s", result.task_name, result.id, _one_line(exc))  # fmt: skip
+                unstored.append(result)
+        return unstored
 
     def finished_statement(self, results: Sequence[TaskResult]) -> tuple[str, list[str]] | None:
         """What save_finished() would run, as one SQL statement and its parameters, or None.
@@ -168,8 +220,62 @@ class ResultStore:
             state=TaskState.REVOKED, reason=reason, date_done=now
         )
 
+    def is_revoked(self, task_id: str) -> bool:
+        return (
+            TaskResult.objects.using(self.using)
+            .filter(pk=task_id, state=TaskState.REVOKED)
+            .exists()
+        )
+
     def delete(self, task_id: str) -> None:
         TaskResult.objects.using(self.using).filter(pk=task_id).delete()
+
+
+def lean_row(result: TaskResult, refusal: BaseException) -> TaskResult:
+    """``result`` as FAILURE with ResultRefused, without the values that may have been refused.
+
+    The arguments, result, traceback and errors are left out; text columns are cut to their
+    length; the error message says what the database refused.
+    """
+    what = "the result" if result.state == TaskState.SUCCESS else "the row"
+    error = ResultRefused(
+        f"The result store refused {what} of this task: {_one_line(refusal)}. Its arguments, "
+        "result and traceback were left out of this row."
+    )
+    logger.error("Task %s[%s]: %s", result.task_name, result.id, error)
+    entry = error_entry(error)
+    entry["traceback"] = ""
+    # A retried or revoked task keeps its state; any other ends FAILURE.
+    kept = result.state in (TaskState.RETRY, TaskState.REVOKED)
+    lean = TaskResult.build(
+        id=result.id,
+        state=result.state if kept else TaskState.FAILURE,
+        reason=result.reason,
+        exception_type=entry["exception_class_path"],
+        exception_message=str(error),
+        errors=[entry],
+        date_done=result.date_done or timezone.now(),
+        **{name: getattr(result, name) for name in _LEAN_KEPT},
+    )
+    for field in TaskResult._meta.concrete_fields:
+        value = getattr(lean, field.attname)
+        if isinstance(value, str):
+            value = value.replace("\x00", "")
+            if field.max_length is not None and not field.primary_key:
+                value = value[: field.max_length]
+            setattr(lean, field.attname, value)
+    lean._earlier_errors = True  # Earlier attempts' errors may be what was refused.
+    return lean
+
+
+#: The columns a lean row keeps from the refused one (besides its id).
+_LEAN_KEPT = ("task_name", "queue", "priority", "worker", "worker_ids", "retries", "root_id",
+              "parent_id", "group_id", "enqueued_at", "started_at")  # fmt: skip
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, without NUL characters (for rows and logs)."""
+    return " ".join(str(exc).replace("\x00", "").split()) or type(exc).__name__
 
 
 def error_entry(exc: BaseException) -> dict[str, Any]:

@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from django.db import DatabaseError, close_old_connections, connections, transaction
+from django.db import DatabaseError, close_old_connections, connections
 
 from ..backend import TasksBackend
 from ..brokers import Broker, Delivery
 from ..exceptions import BrokerError
 from ..models import DeadLetter, TaskResult
+from ..results.store import RETRYABLE_ERRORS, is_refusal
 from ..states import READY_STATES, TaskState
 from .execution import Abort, Executor, Monitor, Outcome
 
@@ -35,6 +36,8 @@ CONSUME_TIMEOUT = 1.0
 KEEPER_TICK = 0.05
 #: How often the lease keeper looks for revocations of the tasks its consumer holds.
 REVOKE_CHECK_INTERVAL = 1.0
+#: Errors a step is retried after: the broker or the database could not be reached.
+RETRYABLE: tuple[type[Exception], ...] = (BrokerError, *RETRYABLE_ERRORS)
 #: Backoff after a broker error: doubles from the first to the last value.
 BACKOFF = (0.1, 5.0)
 
@@ -183,6 +186,7 @@ class Consumer:
         if not task_ids:
             return set()
         revoked = TaskResult.objects.filter(pk__in=list(task_ids), state=TaskState.REVOKED)
+        revoked = revoked.order_by()  # No sort: the default ordering is for the admin.
         try:
             rows = list(revoked.values_list("pk", "reason"))
         except DatabaseError as exc:
@@ -225,13 +229,19 @@ class Consumer:
                 checked = time.monotonic()
             try:
                 outcome = self.executor.execute(delivery)
-            except (BrokerError, DatabaseError) as exc:
+            except RETRYABLE as exc:
                 # Its STARTED row could not be written: it did not run. Keep what finished,
                 # give this one and the rest back, and let the loop back off.
                 logger.error("Could not start task %s: %s", delivery.tag, exc)
                 self._flush()
                 self._give_back_until_done(deliveries[index:])
                 return
+            except Exception as exc:
+                # A failure of ours around the task (not of the task): running it again would
+                # fail again, so it is dead-lettered with the reason, and the consumer goes on.
+                self.executor.reset()
+                logger.exception("Could not run the delivery %s", delivery.tag)
+                outcome = Outcome(delivery, "DEAD", dead_letter=f"the worker failed: {exc!r}")
             self._pending.append(outcome)
             self.processed += 1
             if self.on_task is not None:
@@ -249,7 +259,8 @@ class Consumer:
         The tasks have run: a broker or database that cannot be reached now must not make them
         run again. Each step is retried with backoff until it succeeds (the deliveries stay
         held, so the lease keeper renews their leases as soon as the broker answers again); a
-        second stop signal (Abort) gives up, and the leases bring the tasks back.
+        second stop signal (Abort) gives up, and the leases bring the tasks back. A row the
+        database refuses for good is not retried: see ResultStore.save_finished_or_lean().
         """
         self.executor.write_log()
         pending, self._pending = self._pending, []
@@ -259,12 +270,20 @@ class Consumer:
         finished = [r.id for r in rows if r.state in READY_STATES]
         if self._acks_with_results(pending, rows):
             # The database broker on the results' database: results and acks, one commit.
-            self._until_done("store and acknowledge", len(pending),
-                             lambda: self._store_and_ack(pending, rows, finished))  # fmt: skip
-        else:
-            self._until_done("store the results of", len(pending),
-                             lambda: self._store(pending, rows))  # fmt: skip
-            self._until_done("acknowledge", len(pending), lambda: self._settle(pending, finished))
+            try:
+                self._until_done("store and acknowledge", len(pending),
+                                 lambda: self._store_and_ack(pending, rows, finished))  # fmt: skip
+            except Exception as exc:
+                if not is_refusal(exc):
+                    raise
+                # Nothing was committed: store row by row, then acknowledge (below).
+                logger.warning("The result store refused a batch of %d: %s", len(rows), exc)
+            else:
+                self._unhold([o.delivery for o in pending])
+                return
+        self._until_done("store the results of", len(pending),
+                         lambda: self._store(pending, rows))  # fmt: skip
+        self._until_done("acknowledge", len(pending), lambda: self._settle(pending, finished))
         self._unhold([o.delivery for o in pending])
 
     def _acks_with_results(self, pending: list[Outcome], rows: list[TaskResult]) -> bool:
@@ -285,16 +304,18 @@ class Consumer:
         self._until_done("give back", len(deliveries), lambda: self._give_back(deliveries))
 
     def _store(self, pending: list[Outcome], rows: list[TaskResult]) -> None:
-        """Results and dead letters in one transaction, so that a retry repeats neither.
+        """Results, then dead letters; writing both again repeats neither.
 
-        Results alone are one statement, atomic by itself: no BEGIN and COMMIT round trips.
+        A result the database refuses for good is stored as a lean FAILURE row; one that not
+        even a lean row can hold (an id too long for its column) is dead-lettered.
         """
+        unstored = {r.id for r in self.executor.store.save_finished_or_lean(rows)}
+        for outcome in pending:
+            if outcome.row is not None and outcome.row.id in unstored:
+                outcome.dead_letter = "the result store refused its result row (see the log)"
+                outcome.row = None
         dead = [o for o in pending if o.dead_letter]
-        if not dead:
-            self.executor.store.save_finished(rows)
-            return
-        with transaction.atomic(using=self.executor.store.using):
-            self.executor.store.save_finished(rows)
+        if dead:
             self._store_dead_letters(dead)
 
     def _settle(self, pending: list[Outcome], finished: Sequence[str] = ()) -> None:
@@ -309,12 +330,16 @@ class Consumer:
         self.broker.ack([o.delivery for o in pending if o.retry is None], finished)
 
     def _until_done(self, action: str, count: int, step: Callable[[], None]) -> None:
-        """Run ``step`` until it gets through: an outage delays the work, never repeats it."""
+        """Run ``step`` until it gets through: an outage delays the work, never repeats it.
+
+        Only an outage is retried (the broker or the database could not be reached); any other
+        error is raised at once, as retrying could not cure it.
+        """
         backoff = BACKOFF[0]
         while True:
             try:
                 step()
-            except (BrokerError, DatabaseError) as exc:
+            except RETRYABLE as exc:
                 logger.error("Could not %s %d task(s): %s; retrying in %.1fs",
                              action, count, exc, backoff)  # fmt: skip
                 close_broken_connections()
@@ -337,15 +362,23 @@ class Consumer:
             self.stopping.set()
 
     def _store_dead_letters(self, outcomes: list[Outcome]) -> None:
-        if outcomes:
-            DeadLetter.objects.bulk_create([self._dead_letter(o) for o in outcomes])
+        letters = [self._dead_letter(o) for o in outcomes]
+        try:
+            DeadLetter.objects.bulk_create(letters)
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            # Not even the dead letters can be stored: say everything in the log, go on.
+            for letter in letters:
+                logger.error("Could not store the dead letter of %s (%s): %s; body: %s",
+                             letter.task_id, letter.reason, exc, letter.body)  # fmt: skip
 
     def _dead_letter(self, outcome: Outcome) -> DeadLetter:
         delivery = outcome.delivery
         message = delivery.message
         return DeadLetter(
-            task_id=message.id if message else delivery.tag,
-            task_name=message.task if message else "",
+            task_id=(message.id if message else delivery.tag)[:255],
+            task_name=(message.task if message else "")[:255],
             queue=delivery.queue,
             reason=outcome.dead_letter or "",
             body=delivery.body,
