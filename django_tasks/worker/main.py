@@ -48,6 +48,11 @@ SUPERVISE_INTERVAL = 0.2
 #: A child that dies sooner than this after its start delays its restart (crash loop guard).
 RESTART_DELAY = 1.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+#: What the parent sends its pool processes to abort (after a SIGTERM to stop). A signal of its
+#: own: a second SIGTERM sent right after the first may merge with it while it is pending.
+ABORT_SIGNAL = signal.SIGUSR2
+#: Signals blocked while a pool process is forked, until it has its own handlers.
+CHILD_SIGNALS = {*STOP_SIGNALS, ABORT_SIGNAL}
 #: The exit status of a pool process that stopped to be replaced (per-child limits).
 RECYCLE_EXIT = 3
 
@@ -202,7 +207,7 @@ class ProcessPool:
             name=f"{self.worker.name}-{slot}",
             daemon=False,
         )
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
         try:
             process.start()
         finally:
@@ -212,9 +217,10 @@ class ProcessPool:
     def _forward_signals(self) -> None:
         while self.forwarded < self.worker.signals_received:
             self.forwarded += 1
+            signum = signal.SIGTERM if self.forwarded == 1 else ABORT_SIGNAL
             for process, _started in self.children.values():
                 if process.pid is not None and process.is_alive():
-                    os.kill(process.pid, signal.SIGTERM)
+                    os.kill(process.pid, signum)
 
     def _enforce_time_limits(self) -> None:
         """Kill a pool process whose running task overran its hard time limit."""
@@ -237,16 +243,21 @@ class ProcessPool:
             process.join()
             del self.children[slot]
             overrun = self.overrun.pop(slot, None)
-            if process.exitcode != 0:
+            clean = self.slots[slot].exited_cleanly()
+            if not clean:
                 self._recover(slot, process, overrun)
-            if self._should_restart(process):
-                if process.exitcode != RECYCLE_EXIT and overrun is None:
-                    logger.error("Pool process %s exited with code %s; starting a new one",
-                                 process.name, process.exitcode)  # fmt: skip
-                if time.monotonic() - started < RESTART_DELAY:
-                    self.worker.wait(RESTART_DELAY)
-                if not self.worker.stopping:
-                    self._spawn(slot)
+            if self.worker.stopping or (clean and process.exitcode == 0):
+                # Shutdown, or the member finished its --burst or --max-tasks run.
+                continue
+            if not clean and overrun is None:
+                # A crash, a kill, os._exit() in a task, or an error that escaped the consumer:
+                # whatever the status, the pool must not silently shrink.
+                logger.error("Pool process %s exited with code %s outside shutdown; starting "
+                             "a new one", process.name, process.exitcode)  # fmt: skip
+            if time.monotonic() - started < RESTART_DELAY:
+                self.worker.wait(RESTART_DELAY)
+            if not self.worker.stopping:
+                self._spawn(slot)
 
     def _recover(self, slot: int, process: multiprocessing.process.BaseProcess,
                  overrun: dict[str, Any] | None) -> None:  # fmt: skip
@@ -287,13 +298,6 @@ class ProcessPool:
         store.fail(running["id"], error, task_name=running["task"], queue=running["queue"])
         broker.ack([_delivery(running)], [running["id"]])
 
-    def _should_restart(self, process: multiprocessing.process.BaseProcess) -> bool:
-        if self.worker.stopping:
-            return False
-        # A member that exited 0 finished its --burst or --max-tasks run; anything else
-        # (a crash, a kill, or RECYCLE_EXIT for the per-child limits) is replaced.
-        return process.exitcode != 0
-
 
 def _child_main(worker: Worker, slot: int, processed: Any, monitor: SlotMonitor) -> None:
     """The body of a pool process: one Consumer until the parent says stop.
@@ -311,10 +315,15 @@ def _child_main(worker: Worker, slot: int, processed: Any, monitor: SlotMonitor)
         if terms > 1:
             raise Abort()
 
+    def on_abort(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+        raise Abort()
+
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(ABORT_SIGNAL, on_abort)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The parent forwards what matters.
     signal.signal(signal.SIGALRM, raise_soft_time_limit)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
     _die_with_parent()
     options = worker.options
     consumer = Consumer(
@@ -338,6 +347,7 @@ def _child_main(worker: Worker, slot: int, processed: Any, monitor: SlotMonitor)
         connections.close_all()
     limit = options.max_tasks_per_child
     spent = limit is not None and consumer.processed >= limit
+    monitor.exit_cleanly()
     sys.exit(RECYCLE_EXIT if consumer.recycle or spent else 0)
 
 
@@ -354,6 +364,9 @@ class SlotMonitor(Monitor):
     def __init__(self, context: Any) -> None:
         self.running = context.Array("c", self.RUNNING_SIZE)
         self.holding = context.Array("c", self.HELD_SIZE)
+        #: Set by the pool process when its consumer returned (stop, limits, --burst): an exit
+        #: without it is a crash, whatever the exit status.
+        self.clean_exit = context.Value("b", 0, lock=False)
 
     def started(self, delivery: Delivery, hard_deadline: float | None) -> None:
         # Written for every task: fields joined by the ASCII unit separator, cheaper than JSON.
@@ -380,6 +393,14 @@ class SlotMonitor(Monitor):
     def clear(self) -> None:
         self.finished()
         _store(self.holding, [])
+        self.clean_exit.value = 0
+
+    def exit_cleanly(self) -> None:
+        """The pool process is about to exit because its consumer returned."""
+        self.clean_exit.value = 1
+
+    def exited_cleanly(self) -> bool:
+        return bool(self.clean_exit.value)
 
     def read(self) -> dict[str, Any]:
         """The last state written (read by the parent)."""
@@ -463,23 +484,21 @@ def _die_with_parent() -> None:
 
 
 class ThreadPool:
-    """Consumers as threads of this process."""
+    """Consumers as threads of this process; a thread that dies is replaced."""
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.consumers: list[Consumer] = []
         self.lock = threading.Lock()
         self.processed = 0
+        #: The slots whose consumer returned (stop, --max-tasks, --burst): not replaced.
+        self.finished: set[int] = set()
 
     def run(self) -> None:
-        threads = [
-            threading.Thread(target=self._thread_main, args=(slot,), name=f"consumer-{slot}")
-            for slot in range(self.worker.options.concurrency)
-        ]
-        for thread in threads:
-            thread.start()
+        threads = {slot: self._start(slot) for slot in range(self.worker.options.concurrency)}
+        started = dict.fromkeys(threads, time.monotonic())
         last_beat = time.monotonic()
-        while any(t.is_alive() for t in threads):
+        while any(t.is_alive() for t in threads.values()):
             self.worker.wait(SUPERVISE_INTERVAL)
             if self.worker.stopping:
                 for consumer in list(self.consumers):
@@ -489,8 +508,18 @@ class ThreadPool:
             if time.monotonic() - last_beat >= HEARTBEAT_INTERVAL:
                 self.worker.heartbeat(self.processed)
                 last_beat = time.monotonic()
-            for thread in threads:
+            for slot, thread in list(threads.items()):
                 thread.join(timeout=0)
+                if not thread.is_alive() and slot not in self.finished and not self.worker.stopping:
+                    logger.error("Pool thread %s died; starting a new one", thread.name)
+                    if time.monotonic() - started[slot] < RESTART_DELAY:
+                        self.worker.wait(RESTART_DELAY)  # Crash loop guard.
+                    threads[slot], started[slot] = self._start(slot), time.monotonic()
+
+    def _start(self, slot: int) -> threading.Thread:
+        thread = threading.Thread(target=self._thread_main, args=(slot,), name=f"consumer-{slot}")
+        thread.start()
+        return thread
 
     def _thread_main(self, slot: int) -> None:
         backend = get_backend(self.worker.options.backend)
@@ -507,7 +536,10 @@ class ThreadPool:
             self.consumers.append(consumer)
         try:
             consumer.run()
+            self.finished.add(slot)
         finally:
+            with self.lock:
+                self.consumers.remove(consumer)
             connections.close_all()
 
     def _count(self) -> None:
