@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import time
 import weakref
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from django.tasks import Task as DjangoTask
 from django.tasks import TaskResult as DjangoTaskResult
 from django.tasks import TaskResultStatus, task_backends
@@ -28,15 +30,22 @@ from django.utils.module_loading import import_string
 from .brokers import Broker, create_broker
 from .brokers.base import Outgoing
 from .conf import BackendConfig
+from .exceptions import EncodeError
 from .messages import EnvelopeTemplate, Message, new_id
 from .registry import registry
 from .result import AsyncResult
 from .results.store import ResultStore
+from .signals import send_robust
 from .states import DJANGO_STATUS
 from .task import Task
 
 if TYPE_CHECKING:
     from .models import TaskResult
+
+#: Headers the worker reads and writes itself: apply_async() sets them from its options.
+RESERVED_HEADERS = frozenset({"time_limit", "soft_time_limit", "worker_ids"})
+#: The longest task id: the length of the columns that store it (TaskResult's primary key).
+TASK_ID_MAX_LENGTH = 255
 
 
 class TasksBackend(BaseTaskBackend):
@@ -76,7 +85,7 @@ class TasksBackend(BaseTaskBackend):
         message = self.send(task, list(args), dict(kwargs))
         result = self._django_result(task, message.id, TaskResultStatus.READY, args, kwargs)
         object.__setattr__(result, "enqueued_at", timezone.now())
-        task_enqueued.send(type(self), task_result=result)
+        send_robust(task_enqueued, type(self), task_result=result)
         return result
 
     def send(
@@ -171,7 +180,7 @@ class TasksBackend(BaseTaskBackend):
         name = self.task_name(task)
         route = self.config.routes.get(name, {})
         return Message(
-            id=task_id or new_id(),
+            id=new_id() if task_id is None else _task_id(task_id),
             task=name,
             args=args,
             kwargs=kwargs,
@@ -179,7 +188,7 @@ class TasksBackend(BaseTaskBackend):
             priority=self._priority(priority, route.get("priority"), task.priority),
             eta=_eta(countdown, eta, task.run_after),
             expires=_expires(expires),
-            headers=dict(headers or {}),
+            headers=_headers(headers),
         )
 
     def publish(self, messages: Sequence[Message], *, on_commit: bool | None = None) -> None:
@@ -194,6 +203,9 @@ class TasksBackend(BaseTaskBackend):
 
     def _dispatch(self, batch: Sequence[Outgoing], on_commit: bool | None) -> None:
         """publish() for messages already encoded."""
+        for message, body in batch:
+            if "\\u0000" in body:  # Rare: look closer only then.
+                _refuse_unstorable_nul(message, body)
         if self.broker.transactional and connections[self.config.database].in_atomic_block:
             self.broker.send(batch)
             return
@@ -205,6 +217,8 @@ class TasksBackend(BaseTaskBackend):
             self.broker.send(batch)
 
     def _queue(self, queue: str) -> str:
+        if not isinstance(queue, str):
+            raise InvalidTask(f"queue must be a queue name, not {queue!r}.")
         if self.queues and queue not in self.queues:
             raise InvalidTask(
                 f"Queue {queue!r} is not in TASKS[{self.alias!r}]['QUEUES'] "
@@ -347,6 +361,28 @@ class _Plan:
         return message, self.template.encode(message)
 
 
+#: A NUL character escaped in JSON text: "\u0000" after an even number of backslashes.
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _refuse_unstorable_nul(message: Message, body: str) -> None:
+    """Raise EncodeError if ``message`` holds a NUL character and results go to PostgreSQL.
+
+    PostgreSQL's text and jsonb cannot hold it: the worker could not store the task's row.
+    """
+    from .models import TaskResult
+
+    if not _ESCAPED_NUL.search(body):
+        return
+    using = router.db_for_write(TaskResult)
+    if connections[using].vendor == "postgresql":
+        raise EncodeError(
+            f"The arguments of task {message.task!r} hold a NUL character (\\x00), which "
+            f"PostgreSQL cannot store (task results are on the database {using!r}). Remove it, "
+            "or pass the value encoded (base64, say)."
+        )
+
+
 def _open_transaction() -> str | None:
     """The alias of a database whose atomic block the caller is in (the default one first).
 
@@ -386,9 +422,7 @@ def _eta(
     if countdown is not None and eta is not None:
         raise InvalidTask("Give either countdown or eta, not both.")
     if countdown is not None:
-        seconds = countdown.total_seconds() if isinstance(countdown, timedelta) else countdown
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-            raise InvalidTask(f"countdown must be seconds or a timedelta, not {countdown!r}.")
+        seconds = seconds_option("countdown", countdown, "seconds or a timedelta")
         return time.time() + seconds if seconds > 0 else None
     when = eta if eta is not None else run_after
     return None if when is None else _timestamp(when, "eta")
@@ -399,10 +433,51 @@ def _expires(expires: float | timedelta | datetime | None) -> float | None:
         return None
     if isinstance(expires, datetime):
         return _timestamp(expires, "expires")
-    seconds = expires.total_seconds() if isinstance(expires, timedelta) else expires
+    return time.time() + seconds_option("expires", expires, "seconds, a timedelta or a datetime")
+
+
+#: The longest countdown, expiry or time limit accepted, in seconds (about a hundred years):
+#: a longer one is a mistake, and would overflow the times of the database and of Redis.
+MAX_SECONDS = 100 * 365 * 86400
+
+
+def seconds_option(option: str, value: Any, kinds: str = "seconds") -> float:
+    """``value`` (a number of seconds or a timedelta) as a finite float; InvalidTask if not."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise InvalidTask(f"expires must be seconds, a timedelta or a datetime, not {expires!r}.")
-    return time.time() + seconds
+        raise InvalidTask(f"{option} must be {kinds}, not {value!r}.")
+    if not math.isfinite(seconds) or abs(seconds) > MAX_SECONDS:
+        raise InvalidTask(f"{option} must be a finite number of seconds under 100 years, "
+                          f"not {value!r}.")  # fmt: skip
+    return float(seconds)
+
+
+def _task_id(task_id: Any) -> str:
+    if not isinstance(task_id, str) or not task_id or len(task_id) > TASK_ID_MAX_LENGTH:
+        raise InvalidTask(
+            f"task_id must be a non-empty string of at most {TASK_ID_MAX_LENGTH} characters "
+            f"(the column that stores it), not {task_id!r:.80}."
+        )
+    return task_id
+
+
+def _headers(headers: Any) -> dict[str, Any]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, dict) or not all(isinstance(key, str) for key in headers):
+        raise InvalidTask(f"headers must be a dict with string keys, not {headers!r:.80}.")
+    return dict(headers)
+
+
+def call_arguments(args: Any, kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
+    """apply_async()'s ``args`` and ``kwargs``, checked: a list or tuple, a dict of str keys."""
+    if args is not None and not isinstance(args, list | tuple):
+        raise InvalidTask(f"args must be a list or a tuple, not {type(args).__name__}.")
+    if kwargs is not None and (
+        not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs)
+    ):
+        raise InvalidTask("kwargs must be a dict with string keys.")
+    return list(args or ()), dict(kwargs or {})
 
 
 def _timestamp(when: datetime, option: str) -> float:

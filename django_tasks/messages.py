@@ -103,7 +103,7 @@ def encode(message: Message, max_size: int | None = None) -> str:
     """Encode to JSON text; raise EncodeError or MessageTooLarge with a clear reason."""
     try:
         body = _encoder.encode(message.to_dict())
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise _not_serialisable(message, exc) from exc
     return _size_checked(message, body, max_size)
 
@@ -148,7 +148,7 @@ class EnvelopeTemplate:
         try:
             args = _encoder.encode(message.args) if message.args else "[]"
             kwargs = _encoder.encode(message.kwargs) if message.kwargs else "{}"
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise _not_serialisable(message, exc) from exc
         # The id is new_id()'s (hex digits and dashes) and enqueued_at a finite float, whose
         # repr() is the JSON encoder's text for it.
@@ -188,6 +188,8 @@ def decode(body: str | bytes, max_size: int | None = None) -> Message:
         data = _decoder.decode(body.decode() if isinstance(body, bytes) else body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError("nested too deeply to decode") from None
     if not isinstance(data, dict):
         raise DecodeError("not a JSON object")
     version = data.pop("v", None)

@@ -11,8 +11,13 @@ as Django documents them. A receiver's exception is logged, never propagated int
 - ``task_revoked(sender=task, task_id, reason)``: it will not run (revoked or expired).
 """
 
+import logging
+from typing import Any
+
 from django.core.signals import setting_changed
 from django.dispatch import Signal, receiver
+
+logger = logging.getLogger("django_tasks.signals")
 
 task_prerun = Signal()
 task_postrun = Signal()
@@ -20,6 +25,13 @@ task_success = Signal()
 task_failure = Signal()
 task_retry = Signal()
 task_revoked = Signal()
+
+
+def send_robust(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    """Send ``signal``; a receiver that raises is logged at ERROR and the others still run."""
+    for handler, response in signal.send_robust(sender=sender, **kwargs):
+        if isinstance(response, Exception):
+            logger.error("Signal receiver %r failed: %r", handler, response, exc_info=response)
 
 
 @receiver(setting_changed)

@@ -123,6 +123,8 @@ class Task(DjangoTask):
     def __post_init__(self) -> None:
         if not self.name:
             object.__setattr__(self, "name", self.module_path)
+        if len(self.name) > 255:  # The length of the columns that store it.
+            raise InvalidTask(f"The task name {self.name[:40]!r}... is over 255 characters.")
         super(Task, self).__post_init__()
         object.__setattr__(self, "_coroutine", iscoroutinefunction(self.func))
         registry.register(self, self.name)
@@ -222,24 +224,32 @@ class Task(DjangoTask):
         ``on_commit`` (Redis broker) overrides OPTIONS["PUBLISH_ON_COMMIT"]; ``time_limit`` and
         ``soft_time_limit`` (seconds) override the task's for this call.
         """
-        headers = dict(headers) if headers else {}
-        if time_limit is not None or soft_time_limit is not None:
-            for option, value in (
-                ("time_limit", time_limit),
-                ("soft_time_limit", soft_time_limit),
-            ):
-                if value is not None:
-                    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                        raise InvalidTask(f"{option} must be a positive number of seconds.")
-                    headers[option] = float(value)
+        from .backend import RESERVED_HEADERS, call_arguments, seconds_option
+
+        args, kwargs = call_arguments(args, kwargs)
+        if headers is not None and not isinstance(headers, dict):
+            raise InvalidTask(f"headers must be a dict, not {type(headers).__name__}.")
+        headers = dict(headers or {})
+        reserved = RESERVED_HEADERS.intersection(headers)
+        if reserved:
+            raise InvalidTask(f"headers may not set {', '.join(sorted(reserved))}: the worker "
+                              "sets them (use the options of the same names).")  # fmt: skip
+        for option, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+            if value is not None:
+                seconds = seconds_option(option, value, "a positive number of seconds")
+                if seconds <= 0:
+                    raise InvalidTask(f"{option} must be a positive number of seconds.")
+                headers[option] = seconds
+        if on_commit is not None and not isinstance(on_commit, bool):
+            raise InvalidTask(f"on_commit must be True, False or None, not {on_commit!r}.")
 
         backend = self.get_backend()
         # Before sending: the result's get() may then skip its first read of the store.
         sent = backend.broker.result_mark() if task_id is None else None
         message = backend.send(
             self,
-            list(args or ()),
-            dict(kwargs or {}),
+            args,
+            kwargs,
             countdown=countdown,
             eta=eta,
             expires=expires,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, TypeGuard
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.dispatch import Signal
 from django.tasks import Task as DjangoTask
 from django.tasks import TaskContext
@@ -21,12 +23,14 @@ from django.tasks.signals import log_task_finished, log_task_started, task_finis
 
 from ..backend import TasksBackend
 from ..brokers import Delivery
-from ..exceptions import Retry, SoftTimeLimitExceeded, Terminated
+from ..exceptions import MessageError, Retry, RetryNotSent, SoftTimeLimitExceeded, Terminated
 from ..messages import Message, _encoder
 from ..models import TaskResult
 from ..registry import registry
 from ..results import ResultStore, error_entry
+from ..results.store import is_refusal
 from ..signals import (
+    send_robust,
     task_failure,
     task_postrun,
     task_prerun,
@@ -146,7 +150,7 @@ class Executor:
         )
         attempt = Attempt(delivery, task, message, row, django_result)
         if heard:
-            task_started.send(type(self.backend), task_result=django_result)
+            _send_django(task_started, type(self.backend), task_result=django_result)
         _send(task_prerun, task, task_id=message.id, task=task, args=message.args,
               kwargs=message.kwargs)  # fmt: skip
         push_request(lambda: self._request(message))  # Made if the task asks for it.
@@ -158,7 +162,11 @@ class Executor:
             return self._retried(attempt, retry.exc, retry.when or 0.0)
         except Terminated:
             return self._terminated(attempt)
-        except Exception as exc:
+        except Abort:
+            raise
+        except BaseException as exc:
+            # sys.exit(), KeyboardInterrupt, GeneratorExit, CancelledError: raised by the task,
+            # they end the task (FAILURE), never the pool member running it.
             return self._failed_or_retried(attempt, exc)
         finally:
             self._end()
@@ -209,8 +217,20 @@ class Executor:
                         message.id, running)  # fmt: skip
         else:
             logger.info("Task %s[%s] started", message.task, message.id)
-        if row is not None:
+        if row is None:
+            return
+        try:
             self.store.save_started([row])
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            # The final write stores what it can (ResultStore.save_finished_or_lean).
+            logger.warning("Could not record the start of task %s[%s]: %s", message.task,
+                           message.id, exc)  # fmt: skip
+
+    def reset(self) -> None:
+        """Forget the running task: it ended in an error of the worker's, not of the task's."""
+        self._end()
 
     def _end(self) -> None:
         with self._started_lock:
@@ -235,9 +255,10 @@ class Executor:
             return value
         try:
             _encoder.encode(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise TypeError(
-                f"The return value of {message.task} is not JSON-serialisable: {exc}"
+                f"The return value of {message.task} ({type(value).__name__}) is not "
+                f"JSON-serialisable: {exc}"
             ) from None
         return value
 
@@ -263,7 +284,7 @@ class Executor:
         for line in lines:
             logger.info("Task %s[%s] succeeded in %.3fs: %s", *line)
 
-    def _failed_or_retried(self, attempt: Attempt, exc: Exception) -> Outcome:
+    def _failed_or_retried(self, attempt: Attempt, exc: BaseException) -> Outcome:
         task, message = attempt.task, attempt.message
         if isinstance(task, Task) and task.autoretry_for and isinstance(exc, task.autoretry_for):
             limit = task.max_retries
@@ -271,7 +292,7 @@ class Executor:
                 return self._retried(attempt, exc, task.retry_delay(message.retries))
         return self._failed(attempt, exc)
 
-    def _failed(self, attempt: Attempt, exc: Exception) -> Outcome:
+    def _failed(self, attempt: Attempt, exc: BaseException) -> Outcome:
         message, row = attempt.message, attempt.row
         logger.error("Task %s[%s] failed in %.3fs: %r", message.task, message.id,
                      attempt.elapsed(), exc, exc_info=exc)  # fmt: skip
@@ -282,21 +303,50 @@ class Executor:
         return self._finish(attempt, exc)
 
     def _retried(self, attempt: Attempt, exc: BaseException | None, delay: float) -> Outcome:
-        """Schedule the next attempt: state RETRY now, the same task id again after ``delay``."""
+        """Schedule the next attempt: state RETRY now, the same task id again after ``delay``.
+
+        A task revoked meanwhile is not retried; nor is one whose next message could not be
+        sent (over MAX_MESSAGE_SIZE, say): it fails with that reason.
+        """
         task, message, row = attempt.task, attempt.message, attempt.row
+        if self._revoked_while_running(message.id):
+            logger.warning("Task %s[%s] was revoked: its retry is not scheduled", message.task,
+                           message.id)  # fmt: skip
+            return self._revoked(attempt.delivery, task, message, "revoked")
+        eta = time.time() + delay
+        headers = {**message.headers, "worker_ids": row.worker_ids}
+        following = replace(message, retries=message.retries + 1, eta=eta, headers=headers)
+        try:
+            self.backend.broker.encode(following)
+        except MessageError as error:
+            refused = RetryNotSent(f"The retry of task {message.task} could not be sent: {error}")
+            refused.__cause__ = exc
+            return self._failed(attempt, refused)
         logger.warning("Task %s[%s] retry %d in %.1fs: %r", message.task, message.id,
                        message.retries + 1, delay, exc)  # fmt: skip
         if exc is not None:
             _record_error(row, exc)
         row.state, row.retries = TaskState.RETRY, message.retries + 1
-        eta = time.time() + delay
-        headers = {**message.headers, "worker_ids": row.worker_ids}
-        following = replace(message, retries=message.retries + 1, eta=eta, headers=headers)
         _send(task_retry, task, task_id=message.id, reason=exc, eta=eta)
         _send(task_postrun, task, task_id=message.id, task=task, args=message.args,
               kwargs=message.kwargs, retval=exc, state=row.state)  # fmt: skip
         stored = None if _ignores_result(task) else row
         return Outcome(attempt.delivery, TaskState.RETRY, stored, retry=(following, eta))
+
+    def _revoked_while_running(self, task_id: str) -> bool:
+        """Whether ``task_id`` was revoked: as the lease keeper saw, or the store says now.
+
+        One query, on the rare path of a retry: the keeper looks only every second.
+        """
+        if task_id in self.revoked:
+            return True
+        try:
+            return self.store.is_revoked(task_id)
+        except Exception as exc:
+            if not isinstance(exc, DatabaseError):
+                raise
+            logger.warning("Could not look for a revoke of task %s: %s", task_id, exc)
+            return False
 
     def _terminated(self, attempt: Attempt) -> Outcome:
         message, row = attempt.message, attempt.row
@@ -318,13 +368,14 @@ class Executor:
                 result = self.backend.to_django_result(row, task)
             else:
                 _finish_django_result(result, row)
-            task_finished.send(type(self.backend), task_result=result)
+            _send_django(task_finished, type(self.backend), task_result=result)
         _send(task_postrun, task, task_id=message.id, task=task, args=message.args,
               kwargs=message.kwargs, retval=retval, state=row.state)  # fmt: skip
         return Outcome(attempt.delivery, row.state, None if _ignores_result(task) else row)
 
     def _row(self, message: Message, state: str) -> TaskResult:
-        workers = [*message.headers.get("worker_ids", []), self.worker_id]
+        earlier = message.headers.get("worker_ids")
+        workers = [*earlier, self.worker_id] if _strings(earlier) else [self.worker_id]
         return TaskResult.build(
             id=message.id,
             task_name=message.task,
@@ -392,13 +443,26 @@ def _record_error(row: TaskResult, exc: BaseException) -> None:
 
 
 def _limits(task: DjangoTask, message: Message) -> tuple[float | None, float | None]:
-    """The soft and hard time limits of this call: the call's options, else the task's."""
-    soft = message.headers.get("soft_time_limit")
-    hard = message.headers.get("time_limit")
+    """The soft and hard time limits of this call: the call's options, else the task's.
+
+    A header that is not a positive finite number (from another producer) is ignored.
+    """
+    soft = _positive(message.headers.get("soft_time_limit"))
+    hard = _positive(message.headers.get("time_limit"))
     if isinstance(task, Task):
         soft = soft if soft is not None else task.soft_time_limit
         hard = hard if hard is not None else task.time_limit
     return soft, hard
+
+
+def _strings(value: Any) -> TypeGuard[list[str]]:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _positive(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 < value < math.inf else None
 
 
 def raise_soft_time_limit(signum: int, frame: FrameType | None) -> None:
@@ -519,6 +583,9 @@ def _send(signal: Signal, sender: DjangoTask, **kwargs: Any) -> None:
     """Send one of our signals; a receiver's failure is logged, never raised into the task."""
     if not signal.receivers:  # send_robust() looks first too; this saves the call.
         return
-    for receiver, response in signal.send_robust(sender=sender, **kwargs):
-        if isinstance(response, Exception):
-            logger.error("Signal receiver %r failed: %r", receiver, response, exc_info=response)
+    send_robust(signal, sender, **kwargs)
+
+
+def _send_django(signal: Signal, sender: type[TasksBackend], **kwargs: Any) -> None:
+    """Send Django's task_started or task_finished, as _send() sends ours."""
+    send_robust(signal, sender, **kwargs)
