@@ -807,7 +807,9 @@ class RedisBroker(Broker):
         now, next_due = int(reply[0]), int(reply[1])
         for i in range(2, len(reply), 4):
             delivery = self._delivery(queue, reply[i], reply[i + 1], int(reply[i + 2]))
-            delivery.revoked = reply[i + 3] == 1
+            # Unmarked is not "not revoked": Redis's mark may be lost (a restart or failover
+            # without it, or its day passed). None has the worker ask the result store.
+            delivery.revoked = True if reply[i + 3] == 1 else None
             deliveries.append(delivery)
         return math.inf if next_due < 0 else max(0.0, (next_due - now) / 1000)
 
