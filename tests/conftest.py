@@ -134,11 +134,13 @@ class E2E:
         self.options = options
         self.tmp_path = tmp_path
         self.workers: list[Any] = []
+        #: More environment for the workers (DT_TEST_RESULTS_DATABASE, say).
+        self.env: dict[str, str] = {}
 
     def start_worker(self, *args: str, ready: bool = True, **options: Any) -> Any:
         from tests.workers import WorkerProcess, worker_env
 
-        env = worker_env({**self.options, **options})
+        env = {**worker_env({**self.options, **options}), **self.env}
         log = self.tmp_path / f"worker-{len(self.workers)}.log"
         worker = WorkerProcess(list(args) or ["-c", "2"], env, log)
         self.workers.append(worker)

@@ -83,6 +83,10 @@ if os.environ.get("DT_TEST_WORKER"):
     if "postgres" in DATABASES:
         DATABASES["postgres"]["NAME"] = DATABASES["postgres"]["TEST"]["NAME"]
 
+if os.environ.get("DT_TEST_RESULTS_DATABASE"):
+    # A worker of a test that keeps the results on another database (PostgreSQL).
+    DATABASE_ROUTERS = ["tests.routers.ResultsOn"]
+
 REDIS_URL = os.environ.get("DT_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 TASKS = {
@@ -97,6 +101,7 @@ TASKS = {
             "TRACK_STARTED_AFTER": float(os.environ.get("DT_TEST_TRACK_STARTED_AFTER", "0.1")),
             "IMPORTS": [
                 "tests.testapp.reliability_tasks",
+                "tests.testapp.hardening_tasks",
                 *[m for m in os.environ.get("DT_TEST_IMPORTS", "").split(",") if m],
             ],
         },

@@ -413,7 +413,9 @@ def test_waiting_callers_share_one_listen_connection(make: BrokerMaker) -> None:
             wait_once(waiting)
     with connections["postgres"].cursor() as cursor:
         cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s", ['LISTEN "dt_results"']
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query LIKE %s",
+            ['LISTEN "dt_results"'],
         )
         assert cursor.fetchone()[0] == 1
 

@@ -184,25 +184,27 @@ def test_with_track_started_after_0_every_start_is_logged_at_once(e2e: E2E) -> N
 @contextmanager
 def only_djangos_receivers() -> Iterator[None]:
     """Take the test app's receivers off Django's task signals: only Django's own are left."""
-    from tests.testapp.receivers import on_django_signal
+    from tests.testapp.receivers import broken_django_receiver, on_django_signal
 
     for signal in (task_started, task_finished):
         assert signal.disconnect(on_django_signal)
+        assert signal.disconnect(broken_django_receiver)
     try:
         yield
     finally:
         for signal in (task_started, task_finished):
             signal.connect(on_django_signal)
+            signal.connect(broken_django_receiver)
 
 
 class Counting:
-    """Counts the calls of Django's signal sends and of the Django TaskResults made for them."""
+    """Counts Django's signals sent (robustly) and the Django TaskResults made for them."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sent: list[str] = []
         self.made = 0
         for name, signal in (("started", task_started), ("finished", task_finished)):
-            monkeypatch.setattr(signal, "send", self._send(name, signal.send))
+            monkeypatch.setattr(signal, "send_robust", self._send(name, signal.send_robust))
         backend_type = type(get_backend())
         original = backend_type.to_django_result
 

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from django.dispatch import receiver
-from django.tasks.signals import task_finished, task_started
+from django.tasks.signals import task_enqueued, task_finished, task_started
 
 from django_tasks import signals
 
@@ -55,3 +55,23 @@ def broken_receiver(sender: Any, **kwargs: Any) -> None:
     """A receiver that always fails: the task must run regardless."""
     if getattr(sender, "name", None) in OBSERVED:
         raise RuntimeError("this receiver is broken")
+
+
+@receiver(task_started)
+@receiver(task_finished)
+@receiver(task_enqueued)
+def broken_django_receiver(sender: Any, task_result: Any, **kwargs: Any) -> None:
+    """Receivers of Django's signals that always fail for one task: it must run regardless."""
+    if task_result.task.name == "tests.testapp.hardening_tasks.noisy":
+        raise RuntimeError("this Django signal receiver is broken")
+
+
+@receiver(signals.task_prerun)
+def exits_its_consumer_once(sender: Any, task_id: str, **kwargs: Any) -> None:
+    """sys.exit(0) in a receiver, the first time a task whose id says so runs."""
+    from tests.testapp.models import Execution
+
+    seen = Execution.objects.filter(marker=f"consumer-exit:{task_id}")
+    if task_id.startswith("exit-consumer-") and not seen.exists():
+        _record("consumer-exit", task_id)
+        raise SystemExit(0)
