@@ -86,8 +86,8 @@ class Worker:
         registry.autodiscover(self.backend.config.imports)
         self._log_banner()
         self._record(started=True)
-        self.sweep_outbox()
         self._install_signal_handlers()
+        self.sweep_outbox()  # Once the handlers are in place: a stop request may come meanwhile.
         pool = ProcessPool(self) if self.options.pool == "process" else ThreadPool(self)
         try:
             pool.run()
