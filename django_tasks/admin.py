@@ -1,4 +1,5 @@
-"""Admin: results (read-only; revoke, retry), dead letters (requeue), workers, the queue."""
+"""Admin: results (read-only; revoke, retry), dead letters (requeue), workers, the queue, the
+outbox (publish now)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename
+from django.db import DatabaseError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
@@ -14,7 +16,7 @@ from django.utils.translation import ngettext
 
 from .exceptions import DecodeError, TasksError
 from .messages import decode
-from .models import DeadLetter, QueuedMessage, TaskResult, Worker
+from .models import DeadLetter, OutboxMessage, QueuedMessage, TaskResult, Worker
 from .states import READY_STATES, TaskState
 
 #: The states of the results the retry action sends again.
@@ -28,6 +30,16 @@ def _tell(
     """Report ``count`` things done (nothing when there are none)."""
     if count:
         model_admin.message_user(request, ngettext(singular, plural, count) % count, level)
+
+
+def _holds_change_permission(model_admin: admin.ModelAdmin, request: HttpRequest) -> bool:
+    """Whether the user holds the change permission of the model, which nobody edits here.
+
+    Read-only admins answer False to has_change_permission(): their actions look it up
+    themselves.
+    """
+    codename = get_permission_codename("change", model_admin.opts)
+    return request.user.has_perm(f"{model_admin.opts.app_label}.{codename}")
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -85,13 +97,8 @@ class TaskResultAdmin(ReadOnlyAdmin):
     actions = ["revoke", "retry"]
 
     def has_revoke_permission(self, request: HttpRequest) -> bool:
-        """Whether the user holds the change permission of results.
-
-        Nobody may edit a result here (has_change_permission() is False), so the actions look
-        the permission up themselves.
-        """
-        codename = get_permission_codename("change", self.opts)
-        return request.user.has_perm(f"{self.opts.app_label}.{codename}")
+        """Whether the user holds the change permission of results."""
+        return _holds_change_permission(self, request)
 
     def has_retry_permission(self, request: HttpRequest) -> bool:
         """Retrying takes the same permission as revoking."""
@@ -231,3 +238,39 @@ class QueuedMessageAdmin(ReadOnlyAdmin):
     ]
     list_filter = ["queue", "priority"]
     search_fields = ["task_id"]
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(ReadOnlyAdmin):
+    """Messages sent inside transactions that are not published yet (see outbox.py)."""
+
+    list_display = ["task_id", "task_name", "queue", "created_at", "attempts", "last_error"]
+    list_filter = ["backend", "queue", "task_name"]
+    search_fields = ["task_id", "task_name"]
+    actions = ["publish_now"]
+
+    def has_publish_now_permission(self, request: HttpRequest) -> bool:
+        """Whether the user holds the change permission of outbox messages."""
+        return _holds_change_permission(self, request)
+
+    @admin.action(description=_("Publish the selected messages now"), permissions=["publish_now"])
+    def publish_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        """Publish each message to its backend's broker and delete its row.
+
+        Rows a worker is publishing at the same moment are left to it.
+        """
+        from .backend import get_backend
+        from .outbox import publish
+
+        done, failed = 0, []
+        for alias in queryset.order_by().values_list("backend", flat=True).distinct():
+            try:
+                done += publish(get_backend(alias).broker, queryset.filter(backend=alias))
+            except (TasksError, DatabaseError) as exc:
+                failed.append(f"{alias}: {exc}")
+        _tell(
+            self, request, done, "%d message published.", "%d messages published.",
+            messages.SUCCESS,
+        )  # fmt: skip
+        for failure in failed:
+            self.message_user(request, _("Not published: %s") % failure, messages.ERROR)

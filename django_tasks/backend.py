@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, router
 from django.tasks import Task as DjangoTask
 from django.tasks import TaskResult as DjangoTaskResult
 from django.tasks import TaskResultStatus, task_backends
@@ -27,6 +27,7 @@ from django.tasks.signals import task_enqueued
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from . import outbox
 from .brokers import Broker, create_broker
 from .brokers.base import Outgoing
 from .conf import BackendConfig
@@ -195,9 +196,10 @@ class TasksBackend(BaseTaskBackend):
         """Send ``messages`` (one round trip) now, or when the caller's transaction commits.
 
         The database broker writes inside the transaction of its own database, so a rollback
-        discards the messages. Otherwise, inside ``atomic()`` (on any database) they are sent
-        when that transaction commits, unless ``on_commit`` or PUBLISH_ON_COMMIT say not to.
-        Every message is encoded and size-checked first: a bad one sends none.
+        discards the messages. Otherwise, inside ``atomic()`` (on any database) they are written
+        to the outbox in that transaction and sent when it commits (see outbox.py), unless
+        ``on_commit`` or PUBLISH_ON_COMMIT say not to. Every message is encoded and size-checked
+        first: a bad one sends none.
         """
         self._dispatch([self.broker.encode(message) for message in messages], on_commit)
 
@@ -212,7 +214,7 @@ class TasksBackend(BaseTaskBackend):
         defer = self.config.publish_on_commit if on_commit is None else on_commit
         using = _open_transaction() if defer else None
         if using is not None:
-            transaction.on_commit(lambda: self.broker.send(batch), using=using)
+            outbox.publish_on_commit(self.broker, self.alias, batch, using)
         else:
             self.broker.send(batch)
 

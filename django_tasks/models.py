@@ -1,8 +1,9 @@
-"""Results, the database broker's queue, dead letters and worker heartbeats."""
+"""Results, the database broker's queue, the outbox, dead letters and worker heartbeats."""
 
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -172,6 +173,42 @@ class QueuedMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue}: {self.task_id}"
+
+
+class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
+    def due(self, backend: str, written_before: datetime) -> OutboxMessageQuerySet:
+        """The messages of ``backend`` written before ``written_before``, oldest first."""
+        return self.filter(backend=backend, created_at__lt=written_before).order_by("created_at")
+
+
+class OutboxMessage(models.Model):
+    """A message sent inside a transaction, kept until the broker has it (see outbox.py).
+
+    Written in the caller's transaction and deleted once published after the commit; a row that
+    stays (the broker was down, or the sending process died first) is published by a worker.
+    """
+
+    # Made here, not by the database: bulk_create() cannot read generated keys everywhere.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    backend = models.CharField(_("backend"), max_length=255)
+    task_id = models.CharField(_("task id"), max_length=255)
+    task_name = models.CharField(_("task name"), max_length=255)
+    queue = models.CharField(_("queue"), max_length=255)
+    body = models.TextField(_("body"))
+    created_at = models.DateTimeField(_("written at"), default=timezone.now)
+    attempts = models.PositiveIntegerField(_("failed attempts"), default=0)
+    last_error = models.TextField(_("last error"), blank=True)
+
+    objects = OutboxMessageQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("outbox message")
+        verbose_name_plural = _("outbox messages")
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["backend", "created_at"], name="dt_outbox_due")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}]"
 
 
 class DeadLetter(models.Model):

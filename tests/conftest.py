@@ -82,6 +82,24 @@ BROKER_PARAMS = [
 ]
 
 
+DATABASE_PARAMS = [
+    pytest.param("default", marks=pytest.mark.django_db(transaction=True), id="sqlite"),
+    pytest.param(
+        "postgres",
+        marks=pytest.mark.django_db(databases=["default", "postgres"], transaction=True),
+        id="postgres",
+    ),
+]
+
+
+@pytest.fixture(params=DATABASE_PARAMS)
+def using(request: pytest.FixtureRequest) -> str:
+    """Each database alias in turn (SQLite, then PostgreSQL), with transactional access."""
+    if request.param == "postgres":
+        require_postgres()
+    return str(request.param)
+
+
 @pytest.fixture(params=BROKER_PARAMS)
 def broker_kind(request: pytest.FixtureRequest) -> str:
     """Each broker in turn, with transactional access to the databases it needs."""

@@ -16,22 +16,6 @@ from django_tasks.results.bulk import fetch, upsert
 from django_tasks.results.store import FINISHED_FIELDS, STARTED_FIELDS
 from tests.conftest import require_postgres
 
-DATABASES = [
-    pytest.param("default", marks=pytest.mark.django_db(transaction=True), id="sqlite"),
-    pytest.param(
-        "postgres",
-        marks=pytest.mark.django_db(databases=["default", "postgres"], transaction=True),
-        id="postgres",
-    ),
-]
-
-
-@pytest.fixture(params=DATABASES)
-def using(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres":
-        require_postgres()
-    return str(request.param)
-
 
 def finished_row(**values: Any) -> TaskResult:
     started = datetime(2026, 3, 29, 0, 59, 59, 123456, tzinfo=UTC)

@@ -2,7 +2,8 @@
 
 Process pool (the default): each child is a forked process running one Consumer that takes work
 from the broker itself: no per-task traffic through the parent. The parent restarts children that
-die, records the worker's heartbeat, and turns signals into a warm then a cold shutdown.
+die, records the worker's heartbeat, publishes what senders left in the outbox (at start and with
+each heartbeat), and turns signals into a warm then a cold shutdown.
 
 Thread pool: the consumers are threads of this process. A running task cannot be interrupted in
 a thread, so the second signal releases the unfinished deliveries and exits the process.
@@ -31,6 +32,7 @@ from typing import Any
 from django.db import close_old_connections, connections
 from django.utils import timezone
 
+from .. import outbox
 from ..backend import TasksBackend, get_backend
 from ..brokers import Delivery
 from ..exceptions import Terminated, TimeLimitExceeded, WorkerLostError
@@ -90,6 +92,7 @@ class Worker:
         self._log_banner()
         self._record(started=True)
         self._install_signal_handlers()
+        self.sweep_outbox()  # Once the handlers are in place: a stop request may come meanwhile.
         pool = ProcessPool(self) if self.options.pool == "process" else ThreadPool(self)
         try:
             pool.run()
@@ -166,7 +169,24 @@ class Worker:
             close_old_connections()
 
     def heartbeat(self, processed: int) -> None:
+        """Record that this worker is alive, and publish what senders left in the outbox."""
         self._record(processed=processed)
+        self.sweep_outbox()
+
+    def sweep_outbox(self) -> None:
+        """Publish the messages left in the outbox (see outbox.sweep()). Never raises."""
+        broker = self.backend.broker
+        if broker.transactional:  # The database broker needs no outbox.
+            return
+        try:
+            count = outbox.sweep(broker, self.backend.alias)
+        except Exception:
+            logger.exception("Could not publish the outbox")
+        else:
+            if count:
+                logger.info("Published %d message(s) left in the outbox", count)
+        finally:
+            close_old_connections()
 
 
 class ProcessPool:
