@@ -175,9 +175,9 @@ class Worker:
 
     def sweep_outbox(self) -> None:
         """Publish the messages left in the outbox (see outbox.sweep()). Never raises."""
+        # The database broker too: a task sent inside atomic() on another database than the
+        # broker's goes through the outbox.
         broker = self.backend.broker
-        if broker.transactional:  # The database broker needs no outbox.
-            return
         try:
             count = outbox.sweep(broker, self.backend.alias)
         except Exception:
