@@ -44,7 +44,7 @@ from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, BrokerError, DecodeError
 from ..messages import Message, decode, encode
 from .base import Broker, Delivery, Outgoing, ResultWaiter, per_process, warn_if_lost
-from .notifications import NotificationHub
+from .notifications import NotificationHub, announced_ids
 from .redis_keys import QueueKeys, queue_keys, results_channel
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
@@ -1118,7 +1118,7 @@ class RedisSubscription:
         reply = self._pubsub.get_message(timeout=timeout)
         while reply is not None:
             if reply["type"] == "message":
-                announced.append(_notified_ids(reply["data"]))
+                announced.append(announced_ids(reply["data"]))
             elif reply["type"] == "subscribe":
                 announced.append(None)
             reply = self._pubsub.get_message(timeout=0)
@@ -1149,12 +1149,3 @@ def _held_by_queue(deliveries: Iterable[Delivery]) -> dict[str, list[str | int]]
     for delivery in deliveries:
         grouped.setdefault(delivery.queue, []).extend((delivery.tag, delivery.delivery_count))
     return grouped
-
-
-def _notified_ids(data: Any) -> list[str]:
-    """The ids listed in a notification; none if it is malformed."""
-    try:
-        ids = json.loads(data)
-    except (TypeError, ValueError):
-        return []
-    return ids if isinstance(ids, list) else []
