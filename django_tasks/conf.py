@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from django.conf import settings
 from django.tasks import DEFAULT_TASK_QUEUE_NAME
 
 from .exceptions import ConfigurationError
@@ -25,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "RESULT_EXPIRES": 86400,  # Seconds finished results are kept (0: forever).
     "IMPORTS": [],  # Modules imported at start besides each app's tasks module.
     "REDIS_OPTIONS": {},  # Keyword arguments for redis.Redis.from_url().
-    "KEY_PREFIX": "dt",  # The namespace of every Redis key.
+    "KEY_PREFIX": None,  # The namespace of every Redis key; None: default_key_prefix().
     "PUBLISH_ON_COMMIT": True,  # Redis: inside atomic(), publish when the transaction commits.
     "CONNECT_TIMEOUT": 5.0,  # Seconds delay() waits for an unreachable broker before raising.
     "WORKER_LOST_REDELIVERIES": 1,  # A task whose pool process dies runs again this many times.
@@ -92,7 +93,7 @@ class BackendConfig:
             result_expires=_non_negative(prefix, "RESULT_EXPIRES", merged["RESULT_EXPIRES"]),
             imports=tuple(_string_list(prefix, "IMPORTS", merged["IMPORTS"])),
             redis_options=_mapping(prefix, "REDIS_OPTIONS", merged["REDIS_OPTIONS"]),
-            key_prefix=_string(prefix, "KEY_PREFIX", merged["KEY_PREFIX"]),
+            key_prefix=_key_prefix(prefix, merged["KEY_PREFIX"]),
             publish_on_commit=bool(merged["PUBLISH_ON_COMMIT"]),
             connect_timeout=_positive(prefix, "CONNECT_TIMEOUT", merged["CONNECT_TIMEOUT"]),
             track_started_after=_non_negative(
@@ -118,6 +119,30 @@ def mask_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def default_key_prefix() -> str:
+    """``dt:`` and the top package of the project, e.g. ``dt:shop`` for ``shop.urls``.
+
+    The package is that of ROOT_URLCONF, else of the settings module, names that the web and
+    worker processes of one project share (ROOT_URLCONF first: override_settings() hides the
+    settings module from tests). Two projects on one Redis database then keep apart.
+    """
+    for module in (getattr(settings, "ROOT_URLCONF", None), settings.SETTINGS_MODULE):
+        package = module.partition(".")[0] if isinstance(module, str) else ""
+        if package.isidentifier():  # Which also keeps braces (hash tags) out.
+            return f"dt:{package}"
+    return "dt"
+
+
+def _key_prefix(prefix: str, value: Any) -> str:
+    if value is None:
+        return default_key_prefix()
+    value = _string(prefix, "KEY_PREFIX", value)
+    if "{" in value or "}" in value:
+        # A hash tag in the prefix would put every queue in one slot of a Redis Cluster.
+        raise ConfigurationError(f"{prefix}['KEY_PREFIX'] must not contain braces.")
+    return value
 
 
 def _reject_unknown(alias: str, options: Mapping[str, Any]) -> None:

@@ -45,6 +45,8 @@ def test_redis_url_selects_redis() -> None:
         ({"PREFETCH": 1.5}, "PREFETCH'] must be a whole number"),
         ({"ROUTES": {"a.b": {"queue": "x", "speed": 1}}}, "ROUTES']['a.b'] must be a dict"),
         ({"IMPORTS": "a.b"}, "IMPORTS'] must be a list"),
+        ({"KEY_PREFIX": "dt:{shop}"}, "KEY_PREFIX'] must not contain braces"),
+        ({"KEY_PREFIX": ""}, "KEY_PREFIX'] must be a non-empty string"),
     ],
 )
 def test_bad_options_are_named(options: dict, message: str) -> None:

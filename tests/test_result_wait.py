@@ -20,7 +20,6 @@ from django_tasks.backend import TasksBackend
 from django_tasks.brokers import notifications
 from django_tasks.brokers.database import RESULTS_CHANNEL
 from django_tasks.brokers.redis import RedisBroker
-from django_tasks.brokers.redis_keys import results_channel
 from django_tasks.exceptions import TaskRevokedError, TimeoutError
 from django_tasks.models import TaskResult
 from django_tasks.result import AsyncResult
@@ -146,7 +145,7 @@ def announce_raw(backend: TasksBackend, payload: str) -> None:
     """Publish ``payload`` on the results channel of ``backend``'s broker, as anyone can."""
     broker = backend.broker
     if isinstance(broker, RedisBroker):
-        broker.client.publish(results_channel(broker.config.key_prefix), payload)
+        broker.client.publish(broker.results_channel, payload)
         return
     with connections[broker.config.database].cursor() as cursor:
         cursor.execute("SELECT pg_notify(%s, %s)", [RESULTS_CHANNEL, payload])

@@ -662,6 +662,12 @@ class RedisBroker(Broker):
         password = urlsplit(self.config.broker_url or "").password
         return text.replace(password, "***") if password else text
 
+    @functools.cached_property
+    def results_channel(self) -> str:
+        """The channel of result notifications, named after this prefix and database."""
+        db = self.client.get_connection_kwargs().get("db") or 0
+        return results_channel(self.config.key_prefix, db)
+
     def keys(self, queue: str) -> QueueKeys:
         """The Redis keys of ``queue``."""
         keys = self._keys.get(queue)
@@ -906,7 +912,7 @@ class RedisBroker(Broker):
             raise NotImplementedError("The Redis broker cannot run SQL with its ack.")
         calls = {queue: ["", "", *held] for queue, held in _held_by_queue(deliveries).items()}
         if results:
-            channel = results_channel(self.config.key_prefix)
+            channel = self.results_channel
             first = next(iter(calls.values()), None)
             if first is None:
                 first = calls[self.config.default_queue] = ["", ""]
@@ -1062,7 +1068,7 @@ class RedisBroker(Broker):
     def notify_results(self, task_ids: Sequence[str]) -> None:
         """Publish the ids of stored results to waiting callers: one PUBLISH."""
         if task_ids:
-            self.client.publish(results_channel(self.config.key_prefix), json.dumps(list(task_ids)))
+            self.client.publish(self.results_channel, json.dumps(list(task_ids)))
 
     def result_waiter(self, task_id: str) -> ResultWaiter:
         """A waiter woken when ``task_id`` is announced, through this process's subscription."""
@@ -1093,7 +1099,7 @@ class RedisSubscription:
     def __init__(self, broker: RedisBroker) -> None:
         self._pubsub = broker.client.pubsub()
         try:
-            self._pubsub.subscribe(results_channel(broker.config.key_prefix))
+            self._pubsub.subscribe(broker.results_channel)
             self._confirm(broker.config.connect_timeout)
         except BaseException:
             self._pubsub.close()
