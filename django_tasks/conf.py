@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from django.conf import settings
 from django.tasks import DEFAULT_TASK_QUEUE_NAME
@@ -72,6 +72,12 @@ class BackendConfig:
             return f"database ({self.database})"
         return mask_url(self.broker_url)
 
+    def scrub(self, text: str) -> str:
+        """``text`` with the broker URL's passwords masked, should a library's error quote one."""
+        for password in url_passwords(self.broker_url or ""):
+            text = text.replace(password, "***")
+        return text
+
     @classmethod
     def from_params(cls, alias: str, params: Mapping[str, Any]) -> BackendConfig:
         """Build from one TASKS entry; raise ConfigurationError naming the bad option."""
@@ -112,13 +118,43 @@ class BackendConfig:
 
 
 def mask_url(url: str) -> str:
-    """Replace the password of a URL with asterisks."""
+    """The URL with asterisks for its passwords: the userinfo's and the query string's.
+
+    redis-py reads ``?password=`` (and the other parameters named ``*password*``) as it reads
+    ``user:password@``. The fragment, which it ignores, is left out.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if "@" in url and "@" not in parts.netloc:
+        # An unescaped "/", "?" or "#" in the password ended the userinfo early: mask all up to
+        # the last "@" (an "@" in the query string hides the host, never shows a password).
+        parts = urlsplit(f"{parts.scheme}://***@{url.rpartition('@')[2]}")
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        f"{name}=***" if _is_password(name, value) else f"{name}{equals}{value}"
+        for name, equals, value in _parameters(parts.query)
+    )
+    masked = f"{parts.scheme}://{netloc}{parts.path}"
+    return f"{masked}?{query}" if query else masked
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords in ``url`` (see mask_url()), as written and decoded, the longest first."""
+    parts = urlsplit(url)
+    written = [parts.password or ""]
+    written += [value for name, _, value in _parameters(parts.query) if _is_password(name, value)]
+    forms = {form for each in written for form in (each, unquote(each), unquote_plus(each))}
+    return sorted(forms - {""}, key=len, reverse=True)
+
+
+def _parameters(query: str) -> list[tuple[str, str, str]]:
+    """The parameters of a query string as written: (name, "=" or "", value)."""
+    return [parameter.partition("=") for parameter in query.split("&")] if query else []
+
+
+def _is_password(name: str, value: str) -> bool:
+    return bool(value) and "password" in unquote_plus(name).lower()
 
 
 def default_key_prefix() -> str:

@@ -32,7 +32,6 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -657,10 +656,8 @@ class RedisBroker(Broker):
         )
 
     def _scrub(self, exc: BaseException) -> str:
-        """The text of exc, with the URL's password masked should redis-py ever include it."""
-        text = str(exc) or type(exc).__name__
-        password = urlsplit(self.config.broker_url or "").password
-        return text.replace(password, "***") if password else text
+        """The text of exc, with the URL's passwords masked should redis-py ever include one."""
+        return self.config.scrub(str(exc) or type(exc).__name__)
 
     @functools.cached_property
     def results_channel(self) -> str:
