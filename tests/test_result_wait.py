@@ -6,10 +6,8 @@ wait, while the broker's notifications show that the task cannot have finished y
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -149,15 +147,6 @@ def announce_raw(backend: TasksBackend, payload: str) -> None:
         return
     with connections[broker.config.database].cursor() as cursor:
         cursor.execute("SELECT pg_notify(%s, %s)", [RESULTS_CHANNEL, payload])
-
-
-@pytest.fixture
-def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """What django_tasks logs (its logger does not propagate to the root one in the tests)."""
-    logger = logging.getLogger("django_tasks")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_a_stray_announcement_is_skipped_by_the_waiting_caller(
