@@ -6,8 +6,9 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
+from django.conf import settings
 from django.tasks import DEFAULT_TASK_QUEUE_NAME
 
 from .exceptions import ConfigurationError
@@ -25,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "RESULT_EXPIRES": 86400,  # Seconds finished results are kept (0: forever).
     "IMPORTS": [],  # Modules imported at start besides each app's tasks module.
     "REDIS_OPTIONS": {},  # Keyword arguments for redis.Redis.from_url().
-    "KEY_PREFIX": "dt",  # The namespace of every Redis key.
+    "KEY_PREFIX": None,  # The namespace of every Redis key; None: default_key_prefix().
     "PUBLISH_ON_COMMIT": True,  # Redis: inside atomic(), publish when the transaction commits.
     "CONNECT_TIMEOUT": 5.0,  # Seconds delay() waits for an unreachable broker before raising.
     "WORKER_LOST_REDELIVERIES": 1,  # A task whose pool process dies runs again this many times.
@@ -71,6 +72,12 @@ class BackendConfig:
             return f"database ({self.database})"
         return mask_url(self.broker_url)
 
+    def scrub(self, text: str) -> str:
+        """``text`` with the broker URL's passwords masked, should a library's error quote one."""
+        for password in url_passwords(self.broker_url or ""):
+            text = text.replace(password, "***")
+        return text
+
     @classmethod
     def from_params(cls, alias: str, params: Mapping[str, Any]) -> BackendConfig:
         """Build from one TASKS entry; raise ConfigurationError naming the bad option."""
@@ -92,7 +99,7 @@ class BackendConfig:
             result_expires=_non_negative(prefix, "RESULT_EXPIRES", merged["RESULT_EXPIRES"]),
             imports=tuple(_string_list(prefix, "IMPORTS", merged["IMPORTS"])),
             redis_options=_mapping(prefix, "REDIS_OPTIONS", merged["REDIS_OPTIONS"]),
-            key_prefix=_string(prefix, "KEY_PREFIX", merged["KEY_PREFIX"]),
+            key_prefix=_key_prefix(prefix, merged["KEY_PREFIX"]),
             publish_on_commit=bool(merged["PUBLISH_ON_COMMIT"]),
             connect_timeout=_positive(prefix, "CONNECT_TIMEOUT", merged["CONNECT_TIMEOUT"]),
             track_started_after=_non_negative(
@@ -111,13 +118,67 @@ class BackendConfig:
 
 
 def mask_url(url: str) -> str:
-    """Replace the password of a URL with asterisks."""
+    """The URL with asterisks for its passwords: the userinfo's and the query string's.
+
+    redis-py reads ``?password=`` (and the other parameters named ``*password*``) as it reads
+    ``user:password@``. The fragment, which it ignores, is left out.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if "@" in url and "@" not in parts.netloc:
+        # An unescaped "/", "?" or "#" in the password ended the userinfo early: mask all up to
+        # the last "@" (an "@" in the query string hides the host, never shows a password).
+        parts = urlsplit(f"{parts.scheme}://***@{url.rpartition('@')[2]}")
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        f"{name}=***" if _is_password(name, value) else f"{name}{equals}{value}"
+        for name, equals, value in _parameters(parts.query)
+    )
+    masked = f"{parts.scheme}://{netloc}{parts.path}"
+    return f"{masked}?{query}" if query else masked
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords in ``url`` (see mask_url()), as written and decoded, the longest first."""
+    parts = urlsplit(url)
+    written = [parts.password or ""]
+    written += [value for name, _, value in _parameters(parts.query) if _is_password(name, value)]
+    forms = {form for each in written for form in (each, unquote(each), unquote_plus(each))}
+    return sorted(forms - {""}, key=len, reverse=True)
+
+
+def _parameters(query: str) -> list[tuple[str, str, str]]:
+    """The parameters of a query string as written: (name, "=" or "", value)."""
+    return [parameter.partition("=") for parameter in query.split("&")] if query else []
+
+
+def _is_password(name: str, value: str) -> bool:
+    return bool(value) and "password" in unquote_plus(name).lower()
+
+
+def default_key_prefix() -> str:
+    """``dt:`` and the top package of the project, e.g. ``dt:shop`` for ``shop.urls``.
+
+    The package is that of ROOT_URLCONF, else of the settings module, names that the web and
+    worker processes of one project share (ROOT_URLCONF first: override_settings() hides the
+    settings module from tests). Two projects on one Redis database then keep apart.
+    """
+    for module in (getattr(settings, "ROOT_URLCONF", None), settings.SETTINGS_MODULE):
+        package = module.partition(".")[0] if isinstance(module, str) else ""
+        if package.isidentifier():  # Which also keeps braces (hash tags) out.
+            return f"dt:{package}"
+    return "dt"
+
+
+def _key_prefix(prefix: str, value: Any) -> str:
+    if value is None:
+        return default_key_prefix()
+    value = _string(prefix, "KEY_PREFIX", value)
+    if "{" in value or "}" in value:
+        # A hash tag in the prefix would put every queue in one slot of a Redis Cluster.
+        raise ConfigurationError(f"{prefix}['KEY_PREFIX'] must not contain braces.")
+    return value
 
 
 def _reject_unknown(alias: str, options: Mapping[str, Any]) -> None:

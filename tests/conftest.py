@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +22,15 @@ def _close_brokers() -> Iterator[None]:
     """Close the brokers' connections (result subscriptions included) after every test."""
     yield
     close_brokers()
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """What django_tasks logs in this process (its logger does not propagate to caplog's)."""
+    logger = logging.getLogger("django_tasks")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 def redis_client() -> redis.Redis:

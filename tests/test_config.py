@@ -45,6 +45,8 @@ def test_redis_url_selects_redis() -> None:
         ({"PREFETCH": 1.5}, "PREFETCH'] must be a whole number"),
         ({"ROUTES": {"a.b": {"queue": "x", "speed": 1}}}, "ROUTES']['a.b'] must be a dict"),
         ({"IMPORTS": "a.b"}, "IMPORTS'] must be a list"),
+        ({"KEY_PREFIX": "dt:{shop}"}, "KEY_PREFIX'] must not contain braces"),
+        ({"KEY_PREFIX": ""}, "KEY_PREFIX'] must be a non-empty string"),
     ],
 )
 def test_bad_options_are_named(options: dict, message: str) -> None:
@@ -52,9 +54,28 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
         config(**options)
 
 
-def test_passwords_are_masked() -> None:
-    assert mask_url("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
-    assert "s3cret" not in config(BROKER_URL="redis://:s3cret@host/0").safe_broker_url()
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://user:s3cret@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://host:6379/0?db=1&password=s3cret", "redis://host:6379/0?db=1&password=***"),
+        (
+            "rediss://h/0?ssl_password=s3cret&pass%77ord=s3cret",
+            "rediss://h/0?ssl_password=***&pass%77ord=***",
+        ),
+        ("unix:///run/redis.sock?password=s3cret", "unix:///run/redis.sock?password=***"),
+        ("redis://:s3#cret@host/0", "redis://***@host/0"),  # An unescaped "#" in the password.
+        ("redis://host:6379/0?db=1", "redis://host:6379/0?db=1"),
+    ],
+)
+def test_passwords_are_masked(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+    assert config(BROKER_URL=url).safe_broker_url() == masked
+
+
+def test_an_error_quoting_a_password_is_scrubbed() -> None:
+    conf = config(BROKER_URL="redis://:0ne@host/0?password=s3%2Fcret")
+    assert conf.scrub("AUTH s3/cret or s3%2Fcret or 0ne failed") == "AUTH *** or *** or *** failed"
 
 
 @check_db

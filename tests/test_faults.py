@@ -184,8 +184,9 @@ def _redis_queue(server: PersistentRedis) -> str:
     import redis
 
     from django_tasks.brokers.redis_keys import queue_keys
+    from django_tasks.conf import default_key_prefix
 
-    keys = queue_keys("dt", "default")
+    keys = queue_keys(default_key_prefix(), "default")  # As in the workers (fault_settings).
     client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=2)
     try:
         sizes = {name: client.zcard(getattr(keys, name)) for name in ("ready", "delayed")}

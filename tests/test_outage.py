@@ -27,11 +27,15 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """A redis-server of this test's own on a free loopback port (the shared one is not touched)."""
+    """A redis-server of this test's own on a free loopback port (the shared one is not touched).
 
-    def __init__(self, directory: Path) -> None:
+    With a ``password``, it is that of the default user and of a user named "user".
+    """
+
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         self.port = free_port()
         self.directory = directory
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,6 +45,9 @@ class PrivateRedis:
     def start(self) -> None:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                    "--save", "", "--appendonly", "no", "--dir", str(self.directory)]  # fmt: skip
+        if self.password is not None:
+            user = ["user", "on", f">{self.password}", "~*", "&*", "+@all"]
+            command += ["--requirepass", self.password, "--user", *user]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         wait_for(self._answers, timeout=10)
 
@@ -52,17 +59,23 @@ class PrivateRedis:
 
     def _answers(self) -> bool:
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+            client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5)
+            return bool(client.ping())
         except redis.RedisError:
             return False
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+def start_private_redis(directory: Path, password: str | None = None) -> PrivateRedis:
     if shutil.which("redis-server") is None:
         unavailable("redis-server is not installed")
-    server = PrivateRedis(tmp_path)
+    server = PrivateRedis(directory, password)
     server.start()
+    return server
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = start_private_redis(tmp_path)
     yield server
     server.stop()
 
@@ -87,3 +100,32 @@ def test_worker_survives_a_redis_outage(private_redis: PrivateRedis, settings, t
         assert worker.process.poll() is None
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("credentials", "query", "masked"),
+    [("", "?password=s3cret", "/0?password=***"), ("user:s3cret@", "", "//user:***@")],
+    ids=["query", "userinfo"],
+)
+def test_the_password_of_the_broker_url_is_never_logged(
+    credentials: str, query: str, masked: str, settings, tmp_path, logged: pytest.LogCaptureFixture
+) -> None:
+    server = start_private_redis(tmp_path, password="s3cret")
+    options = {"BROKER_URL": f"redis://{credentials}127.0.0.1:{server.port}/0{query}",
+               "CONNECT_TIMEOUT": 1}  # fmt: skip
+    settings.TASKS = tasks_setting(options)
+    world = E2E("redis", options, tmp_path)
+    worker = world.start_worker("-c", "1")
+    try:
+        assert tasks.add.delay(1, 2).get(timeout=20) == 3  # This process subscribes to results.
+        server.stop()
+        with pytest.raises(BrokerConnectionError) as info:
+            tasks.add.delay(2, 2)
+        wait_for(lambda: "Broker error" in worker.log(), timeout=20)
+        wait_for(lambda: "Lost the result notifications" in logged.text)
+    finally:
+        worker.stop()
+        server.stop()
+    for text in [worker.log(), str(info.value), logged.text]:
+        assert "s3cret" not in text
+    assert masked in worker.log() and masked in str(info.value)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from django.test import override_settings
 from redis.connection import AbstractConnection
 
 from django_tasks.brokers import Broker, Delivery, create_broker
@@ -104,6 +105,49 @@ def test_keys_carry_the_queue_hash_tag(
     for key in keys:
         assert re.fullmatch(r"myapp:\{(default|hipri)\}:[a-z]+", key), key
     assert {"myapp:{default}:ready", "myapp:{default}:delayed", "myapp:{default}:leases"} <= keys
+
+
+def test_the_default_prefix_names_the_project(make: Callable[..., RedisBroker]) -> None:
+    with override_settings(ROOT_URLCONF="shop.urls"):
+        assert make().config.key_prefix == "dt:shop"
+    with override_settings(ROOT_URLCONF=None, SETTINGS_MODULE="blog.settings.production"):
+        assert make().config.key_prefix == "dt:blog"
+    with override_settings(ROOT_URLCONF="shop.urls"):
+        assert make(KEY_PREFIX="dt").config.key_prefix == "dt"
+
+
+def test_projects_sharing_a_redis_database_do_not_see_each_others_tasks(
+    make: Callable[..., RedisBroker],
+) -> None:
+    with override_settings(ROOT_URLCONF="shop.urls"):
+        shop = make()
+    with override_settings(ROOT_URLCONF="blog.urls"):
+        blog = make()
+    sent = message()
+    shop.publish_many([sent, message(eta=time.time() + 60)])
+    assert blog.consume(["default"], 10, timeout=0.1) == []
+    assert blog.queue_lengths(["default"]) == {"default": 0}
+    assert blog.purge("default") == 0
+    assert [d.message.id for d in shop.consume(["default"], 10, timeout=1) if d.message] == [
+        sent.id
+    ]
+
+
+def test_result_notifications_stay_in_their_redis_database(
+    make: Callable[..., RedisBroker], redis_url: str
+) -> None:
+    """PUBLISH reaches every database of a server: the channel names the database."""
+    here = make(KEY_PREFIX="same")
+    base, db = redis_url.rsplit("/", 1)
+    elsewhere = build(f"{base}/{int(db) + 1}", KEY_PREFIX="same")  # It only publishes.
+    task_id, later = new_id(), new_id()
+    with here.result_waiter(task_id) as waiter, here.result_waiter(later) as later_waiter:
+        mark = here.result_mark()
+        elsewhere.notify_results([task_id])
+        here.notify_results([later])
+        later_waiter.wait(10)  # Redis delivers in order: anything published before is read too.
+        assert waiter.unannounced_since(mark)
+    elsewhere.close()
 
 
 def test_a_blocked_consumer_wakes_on_publish(
@@ -462,7 +506,7 @@ def test_ack_announces_the_results_in_the_same_call(make: Callable[..., RedisBro
 
 def subscribers(client: redis.Redis, broker: RedisBroker) -> int:
     """The connections subscribed to this broker's results channel."""
-    [(_channel, count)] = client.pubsub_numsub(f"{broker.config.key_prefix}:results")
+    [(_channel, count)] = client.pubsub_numsub(broker.results_channel)
     return int(count)
 
 

@@ -6,6 +6,7 @@ wait, while the broker's notifications show that the task cannot have finished y
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -15,12 +16,15 @@ from django.test.utils import CaptureQueriesContext
 
 from django_tasks.backend import TasksBackend
 from django_tasks.brokers import notifications
+from django_tasks.brokers.database import RESULTS_CHANNEL
+from django_tasks.brokers.redis import RedisBroker
 from django_tasks.exceptions import TaskRevokedError, TimeoutError
 from django_tasks.models import TaskResult
 from django_tasks.result import AsyncResult
 from django_tasks.worker.consumer import Consumer
 from tests.conftest import BROKER_PARAMS
 from tests.testapp import tasks
+from tests.workers import wait_for
 
 
 @pytest.fixture(params=[param for param in BROKER_PARAMS if param.id != "sqlite"])
@@ -126,3 +130,44 @@ def test_revoking_a_queued_task_wakes_its_waiting_caller(notifying: TasksBackend
         assert time.monotonic() - started < 1
     with pytest.raises(TaskRevokedError):
         sent.get(timeout=10)
+
+
+#: What another program might publish on the results channel: not JSON, JSON but not a list, a
+#: list of things other than ids, JSON nested too deep to read.
+STRAY_ANNOUNCEMENTS = ["not json", '{"id": "x"}', '[1, ["nested"], {"id": "x"}, null]']
+#: Deeper than json can read; NOTIFY payloads (under 8000 bytes) cannot nest that deep.
+TOO_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def announce_raw(backend: TasksBackend, payload: str) -> None:
+    """Publish ``payload`` on the results channel of ``backend``'s broker, as anyone can."""
+    broker = backend.broker
+    if isinstance(broker, RedisBroker):
+        broker.client.publish(broker.results_channel, payload)
+        return
+    with connections[broker.config.database].cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [RESULTS_CHANNEL, payload])
+
+
+def test_a_stray_announcement_is_skipped_by_the_waiting_caller(
+    notifying: TasksBackend, logged: pytest.LogCaptureFixture
+) -> None:
+    sent = tasks.add.delay(2, 3)
+    outcome: dict[str, Any] = {}
+
+    def wait() -> None:
+        try:
+            outcome["value"] = sent.get(timeout=30)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    wait_for(lambda: notifying.broker._notifications.blocked == 1, what="get() waits")
+    too_deep = [TOO_DEEP] if isinstance(notifying.broker, RedisBroker) else []
+    for payload in [*STRAY_ANNOUNCEMENTS, *too_deep]:
+        announce_raw(notifying, payload)
+    run_queued(notifying)  # Its announcement comes after the stray ones, on the same listener.
+    waiting.join(30)
+    assert outcome == {"value": 5}
+    assert "Lost the result notifications" not in logged.text

@@ -7,9 +7,12 @@ import time
 
 import pytest
 from django.tasks import TaskResultStatus
+from django.test import override_settings
 
 from django_tasks import TaskState
 from django_tasks.backend import get_backend
+from django_tasks.brokers import create_broker
+from django_tasks.conf import BackendConfig
 from django_tasks.exceptions import TimeoutError as TaskTimeoutError
 from django_tasks.messages import Message, new_id
 from django_tasks.models import DeadLetter, TaskResult, Worker
@@ -108,6 +111,26 @@ def test_bad_messages_are_dead_lettered_and_the_worker_goes_on(e2e: E2E) -> None
     assert reasons[1] == "unknown task 'os.system': not registered here"
     # Dead letters are stored before their deliveries are acked: wait for the acks.
     wait_for(lambda: broker.queue_lengths(["default"]) == {"default": 0})
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("broker_kind", ["redis"], indirect=True)
+def test_a_worker_leaves_the_tasks_of_another_project_on_its_redis_database(e2e: E2E) -> None:
+    with override_settings(ROOT_URLCONF="blog.urls"):  # Another project, default options.
+        blog = create_broker(BackendConfig.from_params("default", {"OPTIONS": e2e.options}))
+    theirs = [
+        Message(id=new_id(), task="tests.testapp.tasks.add", args=[1, 1]),  # Known here too.
+        Message(id=new_id(), task="blog.tasks.publish"),  # Unknown here: a dead letter if taken.
+    ]
+    blog.publish_many(theirs)
+    worker = e2e.start_worker("-c", "1")
+    assert "key prefix 'dt:tests'" in worker.log()  # The banner says which project it serves.
+    assert tasks.add.delay(1, 2).get(timeout=20) == 3  # Sent after theirs, on the same queue.
+    assert worker.stop() == 0  # All it did is stored by now.
+    assert not TaskResult.objects.filter(pk__in=[m.id for m in theirs]).exists()
+    assert not DeadLetter.objects.exists()
+    assert blog.queue_lengths(["default"]) == {"default": 2}
+    blog.close()
 
 
 def test_queues_and_routes(e2e: E2E) -> None:

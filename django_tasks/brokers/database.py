@@ -65,7 +65,7 @@ from .database_sql import (
     claim_sql,
     send_sql,
 )
-from .notifications import NotificationHub
+from .notifications import NotificationHub, announced_ids
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -715,19 +715,10 @@ class ResultsSubscription:
         notified = self.listener.wait(timeout)
         if notified:
             notified += self.listener.wait(0)
-        return [_announced(payload) for _, payload in notified]
+        return [announced_ids(payload) for _, payload in notified]
 
     def close(self) -> None:
         self.listener.close()
-
-
-def _announced(payload: str) -> list[str]:
-    """The task ids of one notification (none when it is not ours)."""
-    try:
-        ids = json.loads(payload)
-    except (ValueError, TypeError):
-        return []
-    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
 def queue_channel(queue: str) -> str:

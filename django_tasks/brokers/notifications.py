@@ -32,6 +32,7 @@ closes the subscription once no caller has waited for CLOSE_AFTER seconds.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -57,6 +58,19 @@ CLOSE_AFTER = 300.0
 
 #: Where a hub's subscription stood when a message was sent: (hub token, epoch, reads).
 Mark = tuple[str, int, int]
+
+
+def announced_ids(payload: str | bytes) -> list[str]:
+    """The task ids of one announcement: the strings of a JSON list, none for anything else.
+
+    Anyone may publish on the channel (another program, a stray command): what cannot be read
+    is skipped, so that it never reaches a waiting caller nor stops the subscription.
+    """
+    try:
+        ids = json.loads(payload)
+    except (ValueError, TypeError, RecursionError):  # RecursionError: nested too deep.
+        return []
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
 class Subscription(Protocol):

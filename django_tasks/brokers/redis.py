@@ -32,7 +32,6 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -44,7 +43,7 @@ from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, BrokerError, DecodeError
 from ..messages import Message, decode, encode
 from .base import Broker, Delivery, Outgoing, ResultWaiter, per_process, warn_if_lost
-from .notifications import NotificationHub
+from .notifications import NotificationHub, announced_ids
 from .redis_keys import QueueKeys, queue_keys, results_channel
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
@@ -657,10 +656,14 @@ class RedisBroker(Broker):
         )
 
     def _scrub(self, exc: BaseException) -> str:
-        """The text of exc, with the URL's password masked should redis-py ever include it."""
-        text = str(exc) or type(exc).__name__
-        password = urlsplit(self.config.broker_url or "").password
-        return text.replace(password, "***") if password else text
+        """The text of exc, with the URL's passwords masked should redis-py ever include one."""
+        return self.config.scrub(str(exc) or type(exc).__name__)
+
+    @functools.cached_property
+    def results_channel(self) -> str:
+        """The channel of result notifications, named after this prefix and database."""
+        db = self.client.get_connection_kwargs().get("db") or 0
+        return results_channel(self.config.key_prefix, db)
 
     def keys(self, queue: str) -> QueueKeys:
         """The Redis keys of ``queue``."""
@@ -908,7 +911,7 @@ class RedisBroker(Broker):
             raise NotImplementedError("The Redis broker cannot run SQL with its ack.")
         calls = {queue: ["", "", *held] for queue, held in _held_by_queue(deliveries).items()}
         if results:
-            channel = results_channel(self.config.key_prefix)
+            channel = self.results_channel
             first = next(iter(calls.values()), None)
             if first is None:
                 first = calls[self.config.default_queue] = ["", ""]
@@ -1064,7 +1067,7 @@ class RedisBroker(Broker):
     def notify_results(self, task_ids: Sequence[str]) -> None:
         """Publish the ids of stored results to waiting callers: one PUBLISH."""
         if task_ids:
-            self.client.publish(results_channel(self.config.key_prefix), json.dumps(list(task_ids)))
+            self.client.publish(self.results_channel, json.dumps(list(task_ids)))
 
     def result_waiter(self, task_id: str) -> ResultWaiter:
         """A waiter woken when ``task_id`` is announced, through this process's subscription."""
@@ -1095,7 +1098,7 @@ class RedisSubscription:
     def __init__(self, broker: RedisBroker) -> None:
         self._pubsub = broker.client.pubsub()
         try:
-            self._pubsub.subscribe(results_channel(broker.config.key_prefix))
+            self._pubsub.subscribe(broker.results_channel)
             self._confirm(broker.config.connect_timeout)
         except BaseException:
             self._pubsub.close()
@@ -1120,7 +1123,7 @@ class RedisSubscription:
         reply = self._pubsub.get_message(timeout=timeout)
         while reply is not None:
             if reply["type"] == "message":
-                announced.append(_notified_ids(reply["data"]))
+                announced.append(announced_ids(reply["data"]))
             elif reply["type"] == "subscribe":
                 announced.append(None)
             reply = self._pubsub.get_message(timeout=0)
@@ -1151,12 +1154,3 @@ def _held_by_queue(deliveries: Iterable[Delivery]) -> dict[str, list[str | int]]
     for delivery in deliveries:
         grouped.setdefault(delivery.queue, []).extend((delivery.tag, delivery.delivery_count))
     return grouped
-
-
-def _notified_ids(data: Any) -> list[str]:
-    """The ids listed in a notification; none if it is malformed."""
-    try:
-        ids = json.loads(data)
-    except (TypeError, ValueError):
-        return []
-    return ids if isinstance(ids, list) else []

@@ -1,20 +1,28 @@
 """The names of every Redis key the Redis broker uses, built in this one place.
 
-All the keys of one queue share the Redis Cluster hash tag ``{queue}`` (queue names cannot contain
-braces, see conf.py), so each Lua script of the broker touches a single hash slot::
+Every name begins with KEY_PREFIX, by default ``dt:`` and the top package of the project
+(``dt:shop`` below, see conf.default_key_prefix()), so that two projects sharing a Redis database
+never take each other's tasks. All the keys of one queue share the Redis Cluster hash tag
+``{queue}`` (queue names cannot contain braces, see conf.py), so each Lua script of the broker
+touches a single hash slot::
 
-    dt:{default}:msgs        hash         task id -> encoded message body
-    dt:{default}:ready       sorted set   task id, score (100 - priority) * 2**44 + seq
-    dt:{default}:delayed     sorted set   task id, score eta in milliseconds
-    dt:{default}:leases      sorted set   task id, score lease deadline in ms (Redis server time)
-    dt:{default}:deliveries  hash         task id -> delivery count
-    dt:{default}:inbox       stream       messages pushed one at a time, not yet in msgs/ready
-                                          (fields id, p priority, b body), or one wake-up
-                                          marker (field w); consumers block on it with
-                                          XREADGROUP through its consumer group "wake"
-    dt:{default}:seq         string       counter giving FIFO order within a priority
-    dt:{default}:revoked     sorted set   revoked task ids, score the revoke time in ms (kept a day)
-    dt:results               pub/sub      channel of result notifications (JSON list of ids)
+    dt:shop:{default}:msgs        hash        task id -> encoded message body
+    dt:shop:{default}:ready       sorted set  task id, score (100 - priority) * 2**44 + seq
+    dt:shop:{default}:delayed     sorted set  task id, score eta in milliseconds
+    dt:shop:{default}:leases      sorted set  task id, score lease deadline in ms (server time)
+    dt:shop:{default}:deliveries  hash        task id -> delivery count
+    dt:shop:{default}:inbox       stream      messages pushed one at a time, not yet in
+                                              msgs/ready (fields id, p priority, b body), or
+                                              one wake-up marker (field w); consumers block
+                                              on it with XREADGROUP through its consumer
+                                              group "wake"
+    dt:shop:{default}:seq         string      counter giving FIFO order within a priority
+    dt:shop:{default}:revoked     sorted set  revoked task ids, score the revoke time in ms
+                                              (kept a day)
+    dt:shop:db0:results           pub/sub     channel of result notifications (JSON list of
+                                              ids); it names the database (here 0) because
+                                              PUBLISH reaches the subscribers of every
+                                              database of the server
 """
 
 from __future__ import annotations
@@ -41,6 +49,6 @@ def queue_keys(prefix: str, queue: str) -> QueueKeys:
     return QueueKeys(*(f"{base}:{name}" for name in QueueKeys._fields))
 
 
-def results_channel(prefix: str) -> str:
-    """The pub/sub channel on which workers announce stored results."""
-    return f"{prefix}:results"
+def results_channel(prefix: str, db: int) -> str:
+    """The pub/sub channel on which workers announce the results stored by users of ``db``."""
+    return f"{prefix}:db{db}:results"

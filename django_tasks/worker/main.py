@@ -103,12 +103,15 @@ class Worker:
 
     def _log_banner(self) -> None:
         config = self.backend.config
+        broker = config.safe_broker_url()
+        if config.broker_kind == "redis":  # A web process with another prefix sends elsewhere.
+            broker += f", key prefix {config.key_prefix!r}"
         tasks = "\n".join(f"    . {name}" for name in registry.names())
         logger.info(
             "django_tasks worker %s ready\n  broker:      %s\n  queues:      %s\n"
             "  concurrency: %d (%s pool)\n  tasks:\n%s",
             self.name,
-            config.safe_broker_url(),
+            broker,
             ", ".join(self.queues),
             self.options.concurrency,
             self.options.pool,
