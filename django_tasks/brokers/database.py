@@ -56,6 +56,7 @@ from .database_listen import (
     SharedListener,
     can_listen_with_psycopg,
     database_key,
+    libpq_connect_timeout,
     shared_listener,
 )
 from .database_sql import (
@@ -107,12 +108,24 @@ class DatabaseBroker(Broker):
         self._next_lease_check = 0.0
         self._acked_since_vacuum = 0
         self._idle = _Idle()
+        self._bound_connecting()
 
     # Plumbing -------------------------------------------------------------------------------
 
     @property
     def connection(self) -> BaseDatabaseWrapper:
         return connections[self.alias]
+
+    def _bound_connecting(self) -> None:
+        """Give PostgreSQL connections ``connect_timeout`` where the project set none.
+
+        Without it, libpq waits for ever on a server that accepts connections but never answers,
+        and delay() with it. The option joins the database's settings, so that every connection
+        to it, the caller's included (send() runs on it), gives up after CONNECT_TIMEOUT.
+        """
+        if self.connection.vendor == "postgresql":
+            seconds = libpq_connect_timeout(self.config.connect_timeout)
+            self.connection.settings_dict["OPTIONS"].setdefault("connect_timeout", seconds)
 
     @property
     def skip_locked(self) -> bool:
