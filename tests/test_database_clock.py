@@ -7,10 +7,8 @@ A host whose clock is off is simulated by shifting this process's wall clock (``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
-from unittest import mock
 
 import pytest
 from django.conf import settings
@@ -23,7 +21,10 @@ from django_tasks.brokers.database import DatabaseBroker
 from django_tasks.messages import Message, new_id
 from django_tasks.models import QueuedMessage, TaskResult
 from django_tasks.worker.consumer import Consumer
+from tests.clock import clock_off_by
+from tests.conftest import E2E
 from tests.testapp import tasks
+from tests.testapp.models import Execution
 from tests.workers import wait_for
 
 pytestmark = [
@@ -38,17 +39,6 @@ SKEW = 25.0
 LEASE_SECONDS = 1.5
 
 BrokerMaker = Callable[..., DatabaseBroker]
-
-
-@contextmanager
-def clock_off_by(seconds: float) -> Iterator[None]:
-    """Run the block on a host whose wall clock is ``seconds`` ahead (behind if negative)."""
-    real_time, real_now = time.time, timezone.now
-    with (
-        mock.patch("time.time", lambda: real_time() + seconds),
-        mock.patch("django.utils.timezone.now", lambda: real_now() + timedelta(seconds=seconds)),
-    ):
-        yield
 
 
 def claim(broker: DatabaseBroker, skew: float) -> list[Delivery]:
@@ -130,3 +120,18 @@ def test_expiry_is_judged_by_the_database_clock(
     with clock_off_by(worker_skew):
         Consumer(backend, ["default"], "test-0", burst=True).run()
     assert TaskResult.objects.get(pk=result.id).state == state
+
+
+@pytest.mark.e2e
+def test_a_worker_whose_clock_is_ahead_leaves_the_tasks_of_others_alone(
+    e2e: E2E, backend: TasksBackend
+) -> None:
+    e2e.start_worker("-c", "1", LEASE_SECONDS=2)
+    result = tasks.sleep_then_record.delay("held", 12)  # Its lease is renewed six times.
+    wait_for(lambda: result.state == TaskState.STARTED)
+    e2e.start_worker("-c", "1", LEASE_SECONDS=2, CLOCK_SKEW=SKEW)
+    assert result.state == TaskState.STARTED, "too slow a start: the task ended before it"
+    assert result.get(timeout=30) == "held"
+    # Acknowledged by the worker that ran it: no other worker held the message.
+    wait_for(lambda: backend.broker.queue_lengths(["default"]) == {"default": 0})
+    assert Execution.objects.filter(marker="held").count() == 1
