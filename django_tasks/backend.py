@@ -188,6 +188,7 @@ class TasksBackend(BaseTaskBackend):
             queue=self._queue(queue or route.get("queue") or task.queue_name),
             priority=self._priority(priority, route.get("priority"), task.priority),
             eta=_eta(countdown, eta, task.run_after),
+            eta_from_countdown=countdown is not None,
             expires=_expires(expires),
             headers=_headers(headers),
         )

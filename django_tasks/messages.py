@@ -62,6 +62,11 @@ class Message:
     errbacks: list[Any] = field(default_factory=list)
     headers: dict[str, Any] = field(default_factory=dict)
     enqueued_at: float = field(default_factory=time.time)
+    #: Not part of the envelope (never encoded): whether ``eta`` was worked out by the sender as
+    #: its own time plus a ``countdown``. A broker with a clock of its own counts that delay on
+    #: it instead, ``eta - time.time()`` from when it stores the message (see the database
+    #: broker). An ``eta`` given as a point in time stays that point.
+    eta_from_countdown: bool = field(default=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The envelope; optional fields at their default are left out (decode() restores them).

@@ -77,6 +77,11 @@ DATABASES = {
 }
 if postgres_available(POSTGRES):
     DATABASES["postgres"] = POSTGRES
+if os.environ.get("DT_TEST_CLOCK_SKEW"):
+    # A worker process of a test on clocks: its host's clock is that many seconds off.
+    from tests.clock import shift_clock
+
+    shift_clock(float(os.environ["DT_TEST_CLOCK_SKEW"]))
 if os.environ.get("DT_TEST_WORKER"):
     # A worker process of an end-to-end test: use the test databases the suite created.
     DATABASES["default"]["NAME"] = DATABASES["default"]["TEST"]["NAME"]

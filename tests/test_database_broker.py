@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -25,6 +27,8 @@ from django_tasks.models import QueuedMessage, TaskResult
 from django_tasks.results.bulk import upsert_statement
 from django_tasks.results.store import FINISHED_FIELDS
 from django_tasks.states import TaskState
+from tests.conftest import tasks_setting
+from tests.testapp import tasks
 
 HAS_POSTGRES = "postgres" in settings.DATABASES
 POSTGRES_MARKS = [
@@ -365,6 +369,41 @@ def test_sqlite_claim_is_one_update() -> None:
 
 
 # Lost connections -------------------------------------------------------------------------------
+
+
+@contextmanager
+def database_alias(alias: str, settings_dict: dict[str, Any]) -> Iterator[str]:
+    """A database alias of the test's own, configured by ``settings_dict``, for its duration."""
+    connections.settings[alias] = settings_dict
+    try:
+        yield alias
+    finally:
+        connections[alias].close()
+        del connections[alias]
+        del connections.settings[alias]
+
+
+@pytest.mark.skipif(not HAS_POSTGRES, reason="PostgreSQL is not answering")
+def test_delay_gives_up_on_a_silent_database_after_connect_timeout(
+    settings: Any, django_db_blocker: Any
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # Accepts, never answers.
+        # Hang up at last, so that a delay() that would wait for ever fails the test instead.
+        hang_up = threading.Timer(20, silent.close)
+        hang_up.start()
+        port = silent.getsockname()[1]
+        postgres = connections["postgres"].settings_dict
+        # No connect_timeout in OPTIONS: the broker sets it from CONNECT_TIMEOUT.
+        silent_postgres = {**postgres, "PORT": str(port), "OPTIONS": {}}
+        # Not a django_db test: no test case forbids the alias it adds.
+        with database_alias("silent", silent_postgres), django_db_blocker.unblock():
+            settings.TASKS = tasks_setting({"DATABASE": "silent", "CONNECT_TIMEOUT": 2})
+            started = time.monotonic()
+            with pytest.raises(BrokerConnectionError, match="'silent'"):
+                tasks.add.delay(1, 2)
+            elapsed = time.monotonic() - started
+        hang_up.cancel()
+    assert elapsed < 2 + 3
 
 
 @postgres_only

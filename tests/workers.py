@@ -51,6 +51,7 @@ def worker_env(options: dict[str, Any]) -> dict[str, str]:
         DT_TEST_BROKER_DATABASE=options.get("DATABASE", "default"),
         DT_TEST_LEASE_SECONDS=str(options.get("LEASE_SECONDS", 30)),
         DT_TEST_TRACK_STARTED_AFTER=str(options.get("TRACK_STARTED_AFTER", 0.1)),
+        DT_TEST_CLOCK_SKEW=str(options.get("CLOCK_SKEW", "")),
     )
     if options.get("IMPORTS"):
         env["DT_TEST_IMPORTS"] = ",".join(options["IMPORTS"])

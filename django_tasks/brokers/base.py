@@ -37,7 +37,10 @@ class Delivery:
     ``message`` is None when the body could not be decoded; ``error`` then says why, and the caller
     dead-letters it. ``tag`` is the broker's own handle for the lease. ``revoked`` says whether
     the task was revoked (see Broker.revoke), or is None when the broker cannot tell: the caller
-    then asks the result store.
+    then asks the result store. ``clock_offset`` is what to add to this host's ``time.time()``
+    for the time by the broker's clock, as measured when the delivery was leased: where the
+    broker decides when leases end and messages are due by a clock of its own, the worker
+    judges expiry by that clock too (0: the broker goes by this host's clock).
     """
 
     tag: str
@@ -47,6 +50,7 @@ class Delivery:
     error: str | None = None
     delivery_count: int = 1
     revoked: bool | None = None
+    clock_offset: float = 0.0
 
 
 class Broker(ABC):

@@ -35,7 +35,8 @@ from django.db import (
     router,
     transaction,
 )
-from django.db.models import Count, F, Q
+from django.db.models import Count, Expression, F, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from ..conf import BackendConfig
@@ -56,6 +57,7 @@ from .database_listen import (
     SharedListener,
     can_listen_with_psycopg,
     database_key,
+    libpq_connect_timeout,
     shared_listener,
 )
 from .database_sql import (
@@ -79,6 +81,8 @@ RESULTS_CHANNEL = "dt_results"
 #: NOTIFY payloads must stay under 8000 bytes.
 MAX_PAYLOAD = 7900
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+#: A time for a query: a datetime, or an expression the database works out (Now()).
+type Instant = datetime | Expression
 #: How long to retry a claim while SQLite reports "database is locked".
 LOCKED_RETRY_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 
@@ -107,12 +111,24 @@ class DatabaseBroker(Broker):
         self._next_lease_check = 0.0
         self._acked_since_vacuum = 0
         self._idle = _Idle()
+        self._bound_connecting()
 
     # Plumbing -------------------------------------------------------------------------------
 
     @property
     def connection(self) -> BaseDatabaseWrapper:
         return connections[self.alias]
+
+    def _bound_connecting(self) -> None:
+        """Give PostgreSQL connections ``connect_timeout`` where the project set none.
+
+        Without it, libpq waits for ever on a server that accepts connections but never answers,
+        and delay() with it. The option joins the database's settings, so that every connection
+        to it, the caller's included (send() runs on it), gives up after CONNECT_TIMEOUT.
+        """
+        if self.connection.vendor == "postgresql":
+            seconds = libpq_connect_timeout(self.config.connect_timeout)
+            self.connection.settings_dict["OPTIONS"].setdefault("connect_timeout", seconds)
 
     @property
     def skip_locked(self) -> bool:
@@ -128,6 +144,15 @@ class DatabaseBroker(Broker):
     def can_listen(self) -> bool:
         """Whether this process can LISTEN: PostgreSQL and psycopg 3."""
         return self.can_notify and can_listen_with_psycopg()
+
+    def _now(self) -> Instant:
+        """The time now, for a query: by the database's clock where it has one of its own.
+
+        On PostgreSQL, Now() (statement_timestamp(), see database_sql.py): the workers and
+        senders on other hosts may be seconds off, and it is the same clock for all of them.
+        SQLite is used from one host only: this process's clock is the database's.
+        """
+        return Now() if self.connection.vendor == "postgresql" else timezone.now()
 
     def messages(self) -> QueuedMessageQuerySet:
         """Every message of this broker's database."""
@@ -155,13 +180,13 @@ class DatabaseBroker(Broker):
         """Insert the batch with one INSERT, then wake the consumers of its queues."""
         if not batch:
             return
-        now = timezone.now()
         woken = (m.queue for m, _ in batch if _due_soon(m.eta, self.max_wait))
         if self.can_notify:
             # One statement inserts and notifies: one round trip (and one commit).
             with self._errors("store messages"):
-                self._send_and_notify(batch, now, woken)
+                self._send_and_notify(batch, woken)
             return
+        now = timezone.now()
         rows = [self._row(message, body, now) for message, body in batch]
         with self._errors("store messages"):
             self.messages().bulk_create(rows)
@@ -176,21 +201,22 @@ class DatabaseBroker(Broker):
             # within max_wait without the notification.
             logger.warning("Stored %d message(s) without waking the consumers: %s", len(rows), exc)
 
-    def _send_and_notify(
-        self, batch: Sequence[Outgoing], now: datetime, queues: Iterable[str]
-    ) -> None:
-        rows = [
-            {
-                "task_id": message.id,
-                "queue": message.queue,
-                "priority": message.priority,
-                "available_at": _available_at(message.eta, now).isoformat(),
-                "delayed": _is_delayed(message.eta),
-                "body": body,
-                "created_at": now.isoformat(),
-            }
-            for message, body in batch
-        ]
+    def _send_and_notify(self, batch: Sequence[Outgoing], queues: Iterable[str]) -> None:
+        """Insert and notify with send_sql(); the database's clock times the messages."""
+        rows = []
+        for message, body in batch:
+            at, delay = _due(message.eta, message.eta_from_countdown)
+            rows.append(
+                {
+                    "task_id": message.id,
+                    "queue": message.queue,
+                    "priority": message.priority,
+                    "available_at": None if at is None else at.isoformat(),
+                    "delay": delay,
+                    "delayed": _is_delayed(message.eta),
+                    "body": body,
+                }
+            )
         channels = sorted({queue_channel(q) for q in queues})
         with self.connection.cursor() as cursor:
             cursor.execute(send_sql(), [_compact.encode(rows), channels])
@@ -200,7 +226,7 @@ class DatabaseBroker(Broker):
             task_id=message.id,
             queue=message.queue,
             priority=message.priority,
-            available_at=_available_at(message.eta, now),
+            available_at=_available_at(message.eta, message.eta_from_countdown, now),
             delayed=_is_delayed(message.eta),
             body=body,
             created_at=now,
@@ -298,7 +324,7 @@ class DatabaseBroker(Broker):
         if time.monotonic() < self._next_lease_check:
             return
         self._next_lease_check = time.monotonic() + self.lease_check_interval
-        expired = self.messages().expired_leases(timezone.now())
+        expired = self.messages().expired_leases(self._now())
         if not self.skip_locked:
             self._retry_locked(lambda: expired.update(leased_until=None, lease_token=""))
             return
@@ -315,45 +341,49 @@ class DatabaseBroker(Broker):
         Also returns what _claim_all() says of its queues, for this queue only (PostgreSQL).
         """
         token = secrets.token_hex(16)
-        idle_until = None
+        idle_until, offset = None, 0.0
         if can_claim_in_one_statement(self.connection):
-            rows, idle_until = self._retry_locked(
+            rows, idle_until, offset = self._retry_locked(
                 lambda: self._claim_returning(queue, count, token)
             )
         else:
             claim = self._claim_skipping_locked if self.skip_locked else self._claim_serialised
             rows = self._retry_locked(lambda: claim(queue, count, token))
-        return [self._delivery(queue, token, *row) for row in rows], idle_until
+        return [self._delivery(queue, token, offset, *row) for row in rows], idle_until
 
     def _claim_returning(
         self, queue: str, count: int, token: str
-    ) -> tuple[list[tuple[Any, ...]], float | None]:
+    ) -> tuple[list[tuple[Any, ...]], float | None, float]:
         """Lease with one UPDATE ... RETURNING (see database_sql.py): one round trip.
 
         When the results live on this database, the same statement says which tasks were
         revoked, so the worker need not ask. On PostgreSQL, it also says when the claim was
-        short, and when the queue's next delayed message is due (see _claim).
+        short, and when the queue's next delayed message is due (see _claim); and the time by
+        the database's clock, returned as the offset of this host's clock from it.
         """
         connection = self.connection
         vendor, with_revoked = connection.vendor, self.results_here
-        now = timezone.now()
-        until = now + timedelta(seconds=self.config.lease_seconds)
-        adapt = connection.ops.adapt_datetimefield_value
         sql = claim_sql(vendor, connection.ops.quote_name("x")[0], with_revoked)
-        params = claim_params(vendor, adapt(until), token, queue, adapt(now), count, with_revoked)
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(sql, self._claim_params(token, queue, count))
             rows = cursor.fetchall()
-        idle_until = None
+        idle_until, offset = None, 0.0
         if vendor == "postgresql":
-            marks = [row for row in rows if row[0] is None]
-            if marks:
-                rows = [row for row in rows if row[0] is not None]
-                idle_until = _monotonic_at(marks[0][-1], now)
+            rows, idle_until, offset = _read_postgres_claim(rows)
         # RETURNING keeps no order: sort as delivered (higher priority, then publish order).
         rows.sort(key=lambda row: (-row[3], row[4], row[0]))
         revoked = (lambda row: bool(row[5])) if with_revoked else (lambda row: None)
-        return [(row[0], row[1], row[2], revoked(row)) for row in rows], idle_until
+        return [(row[0], row[1], row[2], revoked(row)) for row in rows], idle_until, offset
+
+    def _claim_params(self, token: str, queue: str, count: int) -> list[Any]:
+        """claim_params() for this database: on SQLite, with this process's time."""
+        vendor, lease = self.connection.vendor, self.config.lease_seconds
+        if vendor == "postgresql":
+            return claim_params(vendor, lease, token, queue, count, self.results_here)
+        now = timezone.now()
+        adapt = self.connection.ops.adapt_datetimefield_value
+        until = adapt(now + timedelta(seconds=lease))
+        return claim_params(vendor, until, token, queue, count, self.results_here, adapt(now))
 
     @cached_property
     def results_here(self) -> bool:
@@ -362,7 +392,7 @@ class DatabaseBroker(Broker):
 
     def _claim_skipping_locked(self, queue: str, count: int, token: str) -> list[tuple[Any, ...]]:
         """Lock ready rows no one else holds, then lease them: BEGIN, SELECT, UPDATE, COMMIT."""
-        now = timezone.now()
+        now = self._now()
         with transaction.atomic(using=self.alias):
             ready = self.messages().ready(queue, now).select_for_update(skip_locked=True)
             rows = list(ready.values_list("pk", "body", "delivery_count")[:count])
@@ -377,14 +407,14 @@ class DatabaseBroker(Broker):
         Without SKIP LOCKED, the UPDATE itself must re-check that the rows are free: on SQLite a
         statement runs under the database's write lock, so two consumers never take one row.
         """
-        now = timezone.now()
+        now = self._now()
         picked = self.messages().ready(queue, now).values("pk")[:count]
         if not self.messages().filter(pk__in=picked).update(**self._lease(now, token)):
             return []
         leased = self.messages().leased_by(token).order_by(*DELIVERY_ORDER)
         return list(leased.values_list("pk", "body", "delivery_count"))
 
-    def _lease(self, now: datetime, token: str) -> dict[str, Any]:
+    def _lease(self, now: Instant, token: str) -> dict[str, Any]:
         """The column values of a new lease."""
         return {
             "leased_until": now + timedelta(seconds=self.config.lease_seconds),
@@ -407,6 +437,7 @@ class DatabaseBroker(Broker):
         self,
         queue: str,
         token: str,
+        clock_offset: float,
         pk: int,
         body: str,
         delivery_count: int,
@@ -424,6 +455,7 @@ class DatabaseBroker(Broker):
             error=error,
             delivery_count=delivery_count,
             revoked=revoked,
+            clock_offset=clock_offset,
         )
 
     # Waiting --------------------------------------------------------------------------------
@@ -525,7 +557,11 @@ class DatabaseBroker(Broker):
             return int(cursor.fetchone()[0])
 
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
-        """Turn the leased row into ``message``, ready at ``eta``, with one UPDATE."""
+        """Turn the leased row into ``message``, ready at ``eta``, with one UPDATE.
+
+        ``eta`` is this host's time plus a delay (a retry's countdown): the delay is counted on
+        the database's clock.
+        """
         body = self.encode(message)[1]
         with self._errors("requeue a message"):
             updated = self._owned([delivery]).update(
@@ -533,7 +569,7 @@ class DatabaseBroker(Broker):
                 queue=message.queue,
                 priority=message.priority,
                 body=body,
-                available_at=_available_at(eta, timezone.now()),
+                available_at=_available_at(eta, True, self._now()),
                 delayed=_is_delayed(eta),
                 leased_until=None,
                 lease_token="",
@@ -553,7 +589,7 @@ class DatabaseBroker(Broker):
     def extend(self, deliveries: Sequence[Delivery]) -> None:
         """Push back the end of the leases these deliveries still own, with one UPDATE."""
         if deliveries:
-            until = timezone.now() + timedelta(seconds=self.config.lease_seconds)
+            until = self._now() + timedelta(seconds=self.config.lease_seconds)
             with self._errors("extend leases"):
                 extended = self._owned(deliveries).update(leased_until=until)
             self._warn_if_taken_over("extend", deliveries, extended, kept=extended)
@@ -602,7 +638,7 @@ class DatabaseBroker(Broker):
 
     def purge(self, queue: str) -> int:
         """Delete the messages of ``queue`` that no live lease holds."""
-        free = Q(leased_until__isnull=True) | Q(leased_until__lt=timezone.now())
+        free = Q(leased_until__isnull=True) | Q(leased_until__lt=self._now())
         with self._errors("purge a queue"):
             deleted, _ = self.messages().filter(free, queue=queue).delete()
         return deleted
@@ -726,11 +762,27 @@ def queue_channel(queue: str) -> str:
     return "dt_q_" + hashlib.sha256(queue.encode()).hexdigest()[:32]
 
 
-def _monotonic_at(next_due: datetime | None, now: datetime) -> float:
-    """The monotonic time of ``next_due`` (an available_at, as ``now``), infinity for None."""
-    if next_due is None:
+def _read_postgres_claim(
+    rows: list[tuple[Any, ...]],
+) -> tuple[list[tuple[Any, ...]], float | None, float]:
+    """The leased rows of a PostgreSQL claim, what _claim_all() says, and the clock offset.
+
+    The last two columns of each row are the database's time and, on the row that says the
+    claim was short (its pk is NULL), the seconds until the next delayed message (see
+    claim_sql()). The offset is what to add to this host's time.time() for the database's.
+    """
+    offset = rows[0][-2] - time.time() if rows else 0.0
+    marks = [row for row in rows if row[0] is None]
+    if not marks:
+        return rows, None, offset
+    return [row for row in rows if row[0] is not None], _monotonic_at(marks[0][-1]), offset
+
+
+def _monotonic_at(due_in: float | None) -> float:
+    """The monotonic time ``due_in`` seconds from now (by any clock), infinity for None."""
+    if due_in is None:
         return math.inf
-    return time.monotonic() + max((next_due - now).total_seconds(), 0.0)
+    return time.monotonic() + max(due_in, 0.0)
 
 
 def _lease(delivery: Delivery) -> tuple[int, str]:
@@ -739,12 +791,27 @@ def _lease(delivery: Delivery) -> tuple[int, str]:
     return int(pk), token
 
 
-def _available_at(eta: float | None, now: datetime) -> datetime:
-    """When a message with this ``eta`` (a Unix time) may be delivered, as the database wants."""
+def _due(eta: float | None, from_countdown: bool) -> tuple[datetime | None, float]:
+    """When a message with this ``eta`` (a Unix time) may be delivered.
+
+    Either a time, as the database stores times, and 0; or None and a delay in seconds from
+    now. An ``eta`` worked out as this host's time plus a countdown becomes that delay again,
+    so that the database's clock counts it; an ``eta`` given as a point in time stays that time.
+    """
     if eta is None:
-        return now
+        return None, 0.0
+    if from_countdown:
+        return None, max(eta - time.time(), 0.0)
     when = datetime.fromtimestamp(eta, tz=UTC)
-    return when if settings.USE_TZ else timezone.make_naive(when)
+    return (when if settings.USE_TZ else timezone.make_naive(when)), 0.0
+
+
+def _available_at(eta: float | None, from_countdown: bool, now: Instant) -> Instant:
+    """The available_at of a message due at ``eta`` (see _due()), ``now`` being the time now."""
+    at, delay = _due(eta, from_countdown)
+    if at is not None:
+        return at
+    return now + timedelta(seconds=delay) if delay else now
 
 
 def _is_delayed(eta: float | None) -> bool:

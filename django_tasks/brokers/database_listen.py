@@ -325,9 +325,14 @@ class _Waiter:
 def _listen_params(alias: str, connect_timeout: float) -> dict[str, Any]:
     """psycopg.connect() arguments for a connection of its own to the database ``alias``."""
     params = connections[alias].get_connection_params()  # Without any pool.
-    params.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
+    params.setdefault("connect_timeout", libpq_connect_timeout(connect_timeout))
     params["autocommit"] = True
     return params
+
+
+def libpq_connect_timeout(seconds: float) -> int:
+    """libpq's ``connect_timeout`` for ``seconds``: whole seconds, and 2 at least (its minimum)."""
+    return max(2, math.ceil(seconds))
 
 
 def database_key(kind: str, alias: str) -> tuple[str, ...]:

@@ -7,6 +7,16 @@ path in database.py.
 
 Only quoted table and column names of our own models go into the SQL text; every value is a
 parameter.
+
+On PostgreSQL the statements read the time from the database's clock, ``statement_timestamp()``
+(Django's ``Now()``), never from the caller's: the hosts that send and consume may disagree by
+seconds, and a worker ahead would take over leases that others still renew, or deliver delayed
+messages early. ``statement_timestamp()`` is one instant for the whole statement (every row
+compares with the same time, and the planner can use it in an index condition, which it cannot
+with the volatile ``clock_timestamp()``), and, unlike ``now()``, the time of the statement rather
+than of its transaction: a message sent inside the caller's long ``atomic()`` block counts its
+delay from the INSERT, as its sender does. SQLite is read and written on one host: the caller's
+clock is the database's, and goes in as a parameter.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ if TYPE_CHECKING:
 
 #: RETURNING columns of the claim: pk, body, delivery_count, priority, available_at[, revoked].
 CLAIM_COLUMNS = ("id", "body", "delivery_count", "priority", "available_at")
+#: The database's time, as a PostgreSQL expression (see the module's docstring).
+PG_NOW = "statement_timestamp()"
 
 
 def can_claim_in_one_statement(connection: BaseDatabaseWrapper) -> bool:
@@ -37,15 +49,15 @@ def can_claim_in_one_statement(connection: BaseDatabaseWrapper) -> bool:
 def claim_sql(vendor: str, quote: str, with_revoked: bool) -> str:
     """``UPDATE ... RETURNING`` leasing up to a number of ready messages of one queue.
 
-    Parameters: leased_until, lease_token, queue, now, count[, the REVOKED state] (see
-    claim_params()). ``quote`` is the database's identifier quote (part of the cache key). With
-    ``with_revoked``, the last returned column says whether the task's result row is REVOKED
-    (results on this database).
+    Parameters: see claim_params(). ``quote`` is the database's identifier quote (part of the
+    cache key). With ``with_revoked``, the last of CLAIM_COLUMNS is followed by a column that
+    says whether the task's result row is REVOKED (results on this database).
 
-    On PostgreSQL every row has one more column, and when fewer than ``count`` rows were
-    leased the statement returns one more row: its pk is NULL and its last column says when
-    the queue's next delayed message is due (NULL when none is). From the same snapshot as the
-    claim, it tells the consumer that nothing else is ready, and how long it may sleep.
+    On PostgreSQL, whose clock decides, every row has two more columns: the database's time
+    (a Unix time), and NULL. When fewer than ``count`` rows were leased the statement returns
+    one more row: its pk is NULL and its last column says in how many seconds the queue's next
+    delayed message is due (NULL when none is). From the same snapshot as the claim, it tells
+    the consumer that nothing else is ready, and how long it may sleep.
     """
 
     def qn(name: str) -> str:
@@ -62,17 +74,20 @@ def claim_sql(vendor: str, quote: str, with_revoked: bool) -> str:
             f"EXISTS (SELECT 1 FROM {results} WHERE {results}.{result_id} = "  # noqa: S608
             f"{table}.{qn('task_id')} AND {results}.{state} = %s)"
         )
+    postgres = vendor == "postgresql"
+    now = PG_NOW if postgres else "%s"
     # The subquery walks the partial index dt_queue_ready in delivery order.
     ready = (
         f"SELECT {qn('id')} FROM {table} WHERE {qn('queue')} = %s AND "  # noqa: S608
-        f"{qn('leased_until')} IS NULL AND {qn('available_at')} <= %s "
+        f"{qn('leased_until')} IS NULL AND {qn('available_at')} <= {now} "
         f"ORDER BY {qn('priority')} DESC, {qn('available_at')}, {qn('id')} LIMIT %s"
     )
+    until = f"{PG_NOW} + make_interval(secs => %s)" if postgres else "%s"
     lease = (
-        f"UPDATE {table} SET {qn('leased_until')} = %s, {qn('lease_token')} = %s, "  # noqa: S608
+        f"UPDATE {table} SET {qn('leased_until')} = {until}, {qn('lease_token')} = %s, "  # noqa: S608
         f"{qn('delivery_count')} = {table}.{qn('delivery_count')} + 1"
     )
-    if vendor == "postgresql":
+    if postgres:
         # SKIP LOCKED: concurrent consumers take different rows and never wait for each other.
         claim = (
             f"{lease} FROM ({ready} FOR UPDATE SKIP LOCKED) AS picked "
@@ -81,13 +96,16 @@ def claim_sql(vendor: str, quote: str, with_revoked: bool) -> str:
         # One probe of the partial index dt_queue_delayed, made only when the claim is short.
         next_due = (
             f"SELECT {qn('available_at')} FROM {table} WHERE {qn('queue')} = %s AND "  # noqa: S608
-            f"{qn('leased_until')} IS NULL AND {qn('delayed')} AND {qn('available_at')} > %s "
+            f"{qn('leased_until')} IS NULL AND {qn('delayed')} AND {qn('available_at')} > {now} "
             f"ORDER BY {qn('available_at')} LIMIT 1"
         )
+        clock = f"date_part('epoch', {now})"
+        due_in = f"date_part('epoch', ({next_due}) - {now})"
         nulls = ", ".join(["NULL"] * len(returned))
         return (
-            f"WITH claimed AS ({claim}) SELECT *, NULL::timestamptz FROM claimed "  # noqa: S608
-            f"UNION ALL SELECT {nulls}, ({next_due}) WHERE (SELECT count(*) FROM claimed) < %s"
+            f"WITH claimed AS ({claim}) SELECT *, {clock}, NULL::float8 FROM claimed "  # noqa: S608
+            f"UNION ALL SELECT {nulls}, {clock}, {due_in} "
+            "WHERE (SELECT count(*) FROM claimed) < %s"
         )
     # SQLite runs one writing statement at a time: the subquery cannot pick a leased row.
     return f"{lease} WHERE {qn('id')} IN ({ready}) RETURNING {', '.join(returned)}"
@@ -99,29 +117,38 @@ def _column(model: type[QueuedMessage] | type[TaskResult], name: str) -> str:
 
 def claim_params(
     vendor: str,
-    leased_until: Any,
+    lease: Any,
     token: str,
     queue: str,
-    now: Any,
     count: int,
     with_revoked: bool,
+    now: Any = None,
 ) -> list[Any]:
-    """The parameters of claim_sql(), in its order."""
-    params: list[Any] = [leased_until, token, queue, now, count]
+    """The parameters of claim_sql(), in its order.
+
+    On PostgreSQL ``lease`` is the length of the lease in seconds, counted on the database's
+    clock; elsewhere it is the time the lease ends, and ``now`` the current time (as the
+    database stores times).
+    """
+    if vendor == "postgresql":
+        params: list[Any] = [lease, token, queue, count]
+    else:
+        params = [lease, token, queue, now, count]
     if with_revoked:
         params.append(TaskState.REVOKED)
-    return [*params, queue, now, count] if vendor == "postgresql" else params
+    return [*params, queue, count] if vendor == "postgresql" else params
 
 
-#: The columns send_sql() inserts from its JSON document, with their PostgreSQL types.
-SEND_COLUMNS = (
+#: The fields of each message that send_sql() reads from its JSON document, with their
+#: PostgreSQL types: QueuedMessage's, and ``delay``.
+SEND_FIELDS = (
     ("task_id", "text"),
     ("queue", "text"),
     ("priority", "smallint"),
     ("available_at", "timestamptz"),
+    ("delay", "float8"),
     ("delayed", "boolean"),
     ("body", "text"),
-    ("created_at", "timestamptz"),
 )
 
 
@@ -129,18 +156,21 @@ SEND_COLUMNS = (
 def send_sql() -> str:
     """PostgreSQL: insert a batch of messages and NOTIFY channels, in one statement.
 
-    Parameters: the rows as one JSON array of objects (SEND_COLUMNS), then the channels to
-    notify (a text array). Notifications are transactional: they fire on commit.
+    Parameters: the messages as one JSON array of objects (SEND_FIELDS), then the channels to
+    notify (a text array). A message is due at its ``available_at`` or, when that is null,
+    ``delay`` seconds from now by the database's clock. Notifications are transactional: they
+    fire on commit.
     """
     table = _quote(QueuedMessage._meta.db_table)
-    names = [_quote(_column(QueuedMessage, name)) for name, _ in SEND_COLUMNS]
-    record = ", ".join(f"{n} {kind}" for n, (_, kind) in zip(names, SEND_COLUMNS, strict=True))
-    lease = [_quote(_column(QueuedMessage, f)) for f in ("leased_until", "lease_token")]
-    count = _quote(_column(QueuedMessage, "delivery_count"))
+    record = ", ".join(f"{_quote(name)} {kind}" for name, kind in SEND_FIELDS)
+    columns = ["task_id", "queue", "priority", "available_at", "delayed", "body", "created_at"]
+    columns += ["leased_until", "lease_token", "delivery_count"]
+    names = ", ".join(_quote(_column(QueuedMessage, name)) for name in columns)
+    due = f"COALESCE(r.available_at, {PG_NOW} + make_interval(secs => r.delay))"
+    values = f"r.task_id, r.queue, r.priority, {due}, r.delayed, r.body, {PG_NOW}, NULL, '', 0"
     return (
-        f"WITH inserted AS (INSERT INTO {table} ({', '.join(names)}, {lease[0]}, {lease[1]}, "  # noqa: S608
-        f"{count}) SELECT {', '.join(names)}, NULL, '', 0 FROM jsonb_to_recordset(%s::jsonb) "
-        f"AS r({record}) RETURNING 1) "
+        f"WITH inserted AS (INSERT INTO {table} ({names}) SELECT {values} "  # noqa: S608
+        f"FROM jsonb_to_recordset(%s::jsonb) AS r({record}) RETURNING 1) "
         "SELECT (SELECT count(*) FROM inserted), pg_notify(c, '') FROM unnest(%s::text[]) AS c"
     )
 

@@ -116,7 +116,9 @@ class Executor:
         task = registry.get(message.task)
         if task is None:
             return self._dead(delivery, f"unknown task {message.task!r}: not registered here")
-        if message.expires is not None and message.expires < time.time():
+        # By the broker's clock: a worker whose own clock is off neither drops a task early
+        # nor runs one that expired.
+        if message.expires is not None and message.expires < time.time() + delivery.clock_offset:
             return self._revoked(delivery, task, message, "expired")
         if message.id in self.revoked:
             return self._revoked(delivery, task, message, "revoked")
