@@ -155,8 +155,18 @@ def sweep(broker: Broker, backend: str) -> int:
                 if count < BATCH_SIZE:
                     break
         except Exception as exc:
-            logger.warning("Could not publish the outbox of database %r: %s", using, exc)
+            # Once per database until it works again: a database the outbox cannot be read
+            # from (a replica, one not migrated) would otherwise warn every few seconds.
+            level = logging.DEBUG if using in _failing else logging.WARNING
+            _failing.add(using)
+            logger.log(level, "Could not publish the outbox of database %r: %s", using, exc)
+        else:
+            _failing.discard(using)
     return claimed
+
+
+#: The databases whose last sweep failed (in this process).
+_failing: set[str] = set()
 
 
 def outbox_databases() -> list[str]:

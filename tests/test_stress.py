@@ -26,8 +26,8 @@ from tests.conftest import E2E
 from tests.test_hardening import publish_raw, raw_message, results_on_postgres
 from tests.test_hardening import world as world  # The fixture: the four worlds.
 from tests.testapp import hardening_tasks as ht
-from tests.testapp import reliability_tasks as rt
 from tests.testapp import tasks
+from tests.testapp.models import Execution
 from tests.workers import wait_for
 
 pytestmark = [
@@ -75,22 +75,31 @@ def _too_large(limit: int) -> str:
     return ht.retries_grown.delay("x" * (limit - empty - 10)).id
 
 
-def pool_size(worker: Any, pool: str) -> int:
-    """How many pool members the worker has now."""
-    if pool == "process":
-        children = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children += int(fields[1]) == worker.pid
-        return children
-    # Threads: slow tasks, one per member at a time, show every member that takes work.
-    sleepers = [rt.sleeps.delay(0.5) for _ in range(4 * CONCURRENCY)]
-    for result in sleepers:
-        result.get(timeout=60)
-    return len({TaskResult.objects.get(pk=r.id).worker for r in sleepers})
+def pool_complete(worker: Any, pool: str) -> bool:
+    """Whether every pool member takes work: CONCURRENCY tasks that run at once, all at once.
+
+    Each is sent once the one before runs, so that a member busy with it cannot hold the next
+    one prefetched: a member missing leaves the last without anyone to run it.
+    """
+    if pool == "process" and _children(worker.pid) != CONCURRENCY:
+        return False
+    marker = f"rendezvous-{new_id()}"
+    results = []
+    for member in range(CONCURRENCY):
+        results.append(ht.rendezvous.delay(marker, CONCURRENCY, 20))
+        wait_for(lambda n=member: Execution.objects.filter(marker=marker).count() > n)
+    return all(result.get(timeout=30) for result in results)
+
+
+def _children(pid: int) -> int:
+    children = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children += int(fields[1]) == pid
+    return children
 
 
 @pytest.mark.parametrize("pool", ["process", "thread"])
@@ -125,7 +134,7 @@ def test_bad_tasks_mixed_into_good_ones(world: E2E, pool: str) -> None:
     )
     drained = time.monotonic() - started - sent
     assert worker.process.poll() is None, "the worker died"
-    assert pool_size(worker, pool) == CONCURRENCY, "a pool member is missing"
+    assert pool_complete(worker, pool), "a pool member is missing"
     states = Counter(_states(good_ids).values())
     assert states == {TaskState.SUCCESS: GOOD}, states
     bad_states = _states(list(bad_ids))

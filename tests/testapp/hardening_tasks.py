@@ -79,3 +79,17 @@ def retries_slowly(self: Any, marker: str, seconds: float) -> None:
 def noisy() -> str:
     """Observed by receivers of Django's signals that always raise (tests/testapp/receivers.py)."""
     return "noisy"
+
+
+@task
+def rendezvous(marker: str, members: int, timeout: float) -> bool:
+    """Wait until ``members`` tasks of ``marker`` run at once; False if they never do."""
+    import time
+
+    Execution.objects.create(marker=marker, pid=os.getpid())
+    deadline = time.monotonic() + timeout
+    while Execution.objects.filter(marker=marker).count() < members:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
