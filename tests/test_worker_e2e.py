@@ -20,6 +20,9 @@ from tests.workers import wait_for
 
 pytestmark = pytest.mark.e2e
 
+#: Run a test on each pool: the thread pool stops, counts and beats in code of its own.
+EACH_POOL = pytest.mark.parametrize("pool", ["process", "thread"])
+
 
 def test_delay_and_get(e2e: E2E) -> None:
     e2e.start_worker()
@@ -148,8 +151,9 @@ def test_many_workers_share_a_queue_and_run_each_task_once(e2e: E2E) -> None:
     assert first.process.poll() is None and second.process.poll() is None
 
 
-def test_warm_shutdown_finishes_the_running_task(e2e: E2E) -> None:
-    worker = e2e.start_worker("-c", "1")
+@EACH_POOL
+def test_warm_shutdown_finishes_the_running_task(e2e: E2E, pool: str) -> None:
+    worker = e2e.start_worker("-c", "1", "--pool", pool)
     result = tasks.sleep_then_record.delay("warm", 1.5)
     wait_for(lambda: result.state == TaskState.STARTED)
     worker.signal(signal.SIGTERM)
@@ -159,8 +163,9 @@ def test_warm_shutdown_finishes_the_running_task(e2e: E2E) -> None:
     assert "finishing running tasks" in worker.log()
 
 
-def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E) -> None:
-    worker = e2e.start_worker("-c", "1")
+@EACH_POOL
+def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E, pool: str) -> None:
+    worker = e2e.start_worker("-c", "1", "--pool", pool)
     result = tasks.slow_once.delay("abort", 60)
     wait_for(lambda: result.state == TaskState.STARTED)
     worker.signal(signal.SIGTERM)
