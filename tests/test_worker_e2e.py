@@ -179,6 +179,25 @@ def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E, pool: 
     assert Execution.objects.filter(marker="abort").count() == 2
 
 
+@EACH_POOL
+def test_burst_runs_what_is_queued_then_exits(e2e: E2E, pool: str) -> None:
+    results = tasks.add.delay_many([(i, i) for i in range(6)])
+    worker = e2e.start_worker("-c", "2", "--pool", pool, "--burst", ready=False)
+    assert worker.wait(60) == 0
+    assert [r.get(timeout=1) for r in results] == [2 * i for i in range(6)]
+    assert get_backend().broker.queue_lengths(["default"]) == {"default": 0}
+
+
+@EACH_POOL
+def test_max_tasks_exits_after_that_many_tasks(e2e: E2E, pool: str) -> None:
+    results = tasks.add.delay_many([(i, i) for i in range(5)])
+    worker = e2e.start_worker("-c", "1", "--pool", pool, "--max-tasks", "3", ready=False)
+    assert worker.wait(60) == 0
+    assert [r.state for r in results] == [TaskState.SUCCESS] * 3 + [TaskState.PENDING] * 2
+    # The rest were not even leased: they wait for the next worker.
+    assert get_backend().broker.queue_lengths(["default"]) == {"default": 2}
+
+
 def test_killed_worker_task_runs_on_another_after_the_lease(e2e: E2E) -> None:
     victim = e2e.start_worker("-c", "1", LEASE_SECONDS=2)
     result = tasks.slow_once.delay("killed", 60)
