@@ -221,6 +221,23 @@ def test_banner_and_heartbeat(e2e: E2E) -> None:
     assert record.stopped_at is not None and not record.is_alive()
 
 
+@EACH_POOL
+def test_the_heartbeat_advances_while_the_worker_runs(e2e_sqlite: E2E, pool: str) -> None:
+    e2e_sqlite.start_worker("-c", "1", "--pool", pool, "-n", "beating-host")
+    started = wait_for(lambda: Worker.objects.filter(hostname="beating-host").first())
+    assert started.processed == 0
+    assert [r.get(timeout=20) for r in tasks.add.delay_many([(1, 1)] * 3)] == [2] * 3
+
+    def beat_after(last: Worker, processed: int) -> Worker | None:
+        later = Worker.objects.filter(pk=last.pk, last_seen__gt=last.last_seen)
+        return later.filter(processed=processed).first()
+
+    # A beat every 5 seconds: with the tasks counted, then again while idle.
+    beat = wait_for(lambda: beat_after(started, 3), what="a heartbeat counting 3 tasks")
+    beat = wait_for(lambda: beat_after(beat, 3), what="a heartbeat of the idle worker")
+    assert beat.is_alive() and beat.stopped_at is None
+
+
 def test_delay_many(e2e: E2E) -> None:
     e2e.start_worker("-c", "2")
     results = tasks.add.delay_many([(i, 1) for i in range(50)])
