@@ -194,8 +194,10 @@ def test_max_tasks_exits_after_that_many_tasks(e2e: E2E, pool: str) -> None:
     worker = e2e.start_worker("-c", "1", "--pool", pool, "--max-tasks", "3", ready=False)
     assert worker.wait(60) == 0
     assert [r.state for r in results] == [TaskState.SUCCESS] * 3 + [TaskState.PENDING] * 2
-    # The rest were not even leased: they wait for the next worker.
     assert get_backend().broker.queue_lengths(["default"]) == {"default": 2}
+    # Not held under a lease of the worker that left: the next worker runs them at once.
+    e2e.start_worker("-c", "1", "--burst", ready=False)
+    assert [r.get(timeout=20) for r in results[3:]] == [6, 8]
 
 
 def test_killed_worker_task_runs_on_another_after_the_lease(e2e: E2E) -> None:
