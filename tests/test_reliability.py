@@ -102,6 +102,18 @@ def test_expired_message_is_not_run(e2e_sqlite: E2E) -> None:
     assert attempts("expired") == 0
 
 
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_a_task_that_outlives_its_lease_runs_once(e2e: E2E, pool: str) -> None:
+    """Its worker renews the lease: a second worker, idle all along, never takes the task."""
+    e2e.start_worker("-c", "1", "--pool", pool, LEASE_SECONDS=2)
+    result = tasks.slow_once.delay("outlives", 6)  # Three leases long.
+    wait_for(lambda: attempts("outlives") == 1)
+    e2e.start_worker("-c", "1", LEASE_SECONDS=2)
+    assert result.get(timeout=30) == "done"
+    assert attempts("outlives") == 1
+    assert len(TaskResult.objects.get(pk=result.id).worker_ids) == 1
+
+
 def test_revoke_terminate_stops_a_running_task(e2e: E2E) -> None:
     e2e.start_worker("-c", "1")
     result = tasks.slow_once.delay("terminate", 60)
