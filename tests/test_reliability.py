@@ -114,6 +114,22 @@ def test_a_task_that_outlives_its_lease_runs_once(e2e: E2E, pool: str) -> None:
     assert len(TaskResult.objects.get(pk=result.id).worker_ids) == 1
 
 
+def test_a_task_revoked_while_prefetched_never_runs(e2e: E2E) -> None:
+    """Leased behind a slow task on a worker of concurrency 1, then revoked: skipped."""
+    ahead = tasks.sleep_then_record.delay("ahead", 3)
+    result = tasks.record.delay("prefetched")
+    e2e.start_worker("-c", "1", "--prefetch", "2")
+    wait_for(lambda: ahead.state == TaskState.STARTED)
+    result.revoke()
+    broker = get_backend().broker
+    assert broker.find(result.id, ["default"]) is not None  # Held by the worker, not removed.
+    assert ahead.get(timeout=20) == "ahead"
+    wait_for(lambda: broker.queue_lengths(["default"]) == {"default": 0})
+    assert attempts("prefetched") == 0
+    assert result.state == TaskState.REVOKED
+    assert TaskResult.objects.get(pk=result.id).reason == "revoked"
+
+
 def test_revoke_terminate_stops_a_running_task(e2e: E2E) -> None:
     e2e.start_worker("-c", "1")
     result = tasks.slow_once.delay("terminate", 60)
