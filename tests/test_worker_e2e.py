@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+from django.tasks import Task as DjangoTask
+from django.tasks import TaskResult as DjangoTaskResult
 from django.tasks import TaskResultStatus
 
 from django_tasks import TaskState
@@ -88,6 +93,40 @@ def test_django_tasks_api(e2e: E2E) -> None:
     assert failing.status == TaskResultStatus.FAILED
     assert failing.errors[0].exception_class is tasks.CustomError
     assert "django failure" in failing.errors[0].traceback
+
+
+async def finished(task: DjangoTask, result_id: str, timeout: float = 20.0) -> DjangoTaskResult:
+    """Await ``task.aget_result()`` until the result is finished; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await task.aget_result(result_id)
+        if result.is_finished:
+            return result
+        assert time.monotonic() < deadline, f"{result_id} not finished within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+def test_aenqueue_and_aget_result(e2e: E2E) -> None:
+    """Django's async API, from async code: a Django task, one of ours, a coroutine task."""
+    e2e.start_worker("-c", "1")
+    calls = [(tasks.django_add, (2, 3)), (tasks.add, (4, 5)), (tasks.async_add, (6, 7))]
+
+    async def scenario() -> list[DjangoTaskResult]:
+        try:
+            sent = [await task.aenqueue(*args) for task, args in calls]
+            assert {result.status for result in sent} == {TaskResultStatus.READY}
+            done = [await finished(task, r.id) for (task, _), r in zip(calls, sent, strict=True)]
+            await sent[0].arefresh()
+            assert sent[0].status == TaskResultStatus.SUCCESSFUL
+            return done
+        finally:
+            # The ORM ran in asgiref's executor thread: close its connections there.
+            await sync_to_async(connections.close_all)()
+
+    done = asyncio.run(scenario())
+    assert [r.status for r in done] == [TaskResultStatus.SUCCESSFUL] * 3
+    assert [r.return_value for r in done] == [5, 9, 13]
+    assert [r.attempts for r in done] == [1, 1, 1]
 
 
 def test_get_timeout_raises_a_timeout_error(e2e: E2E) -> None:
