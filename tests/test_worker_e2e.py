@@ -203,6 +203,20 @@ def test_warm_shutdown_finishes_the_running_task(e2e: E2E, pool: str) -> None:
 
 
 @EACH_POOL
+def test_warm_shutdown_gives_back_the_tasks_not_started(e2e: E2E, pool: str) -> None:
+    running = tasks.sleep_then_record.delay("running", 1.5)
+    waiting = tasks.record.delay("waiting")
+    worker = e2e.start_worker("-c", "1", "--pool", pool, "--prefetch", "2")
+    wait_for(lambda: running.state == TaskState.STARTED)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert (running.state, waiting.state) == (TaskState.SUCCESS, TaskState.PENDING)
+    # Released, not left to its 30 s lease: the next worker runs it at once.
+    e2e.start_worker("-c", "1", "--burst", ready=False)
+    assert waiting.get(timeout=20) == 1
+
+
+@EACH_POOL
 def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E, pool: str) -> None:
     worker = e2e.start_worker("-c", "1", "--pool", pool)
     result = tasks.slow_once.delay("abort", 60)
