@@ -102,6 +102,34 @@ def test_expired_message_is_not_run(e2e_sqlite: E2E) -> None:
     assert attempts("expired") == 0
 
 
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_a_task_that_outlives_its_lease_runs_once(e2e: E2E, pool: str) -> None:
+    """Its worker renews the lease: a second worker, idle all along, never takes the task."""
+    e2e.start_worker("-c", "1", "--pool", pool, LEASE_SECONDS=2)
+    result = tasks.slow_once.delay("outlives", 6)  # Three leases long.
+    wait_for(lambda: attempts("outlives") == 1)
+    e2e.start_worker("-c", "1", LEASE_SECONDS=2)
+    assert result.get(timeout=30) == "done"
+    assert attempts("outlives") == 1
+    assert len(TaskResult.objects.get(pk=result.id).worker_ids) == 1
+
+
+def test_a_task_revoked_while_prefetched_never_runs(e2e: E2E) -> None:
+    """Leased behind a slow task on a worker of concurrency 1, then revoked: skipped."""
+    ahead = tasks.sleep_then_record.delay("ahead", 3)
+    result = tasks.record.delay("prefetched")
+    e2e.start_worker("-c", "1", "--prefetch", "2")
+    wait_for(lambda: ahead.state == TaskState.STARTED)
+    result.revoke()
+    broker = get_backend().broker
+    assert broker.find(result.id, ["default"]) is not None  # Held by the worker, not removed.
+    assert ahead.get(timeout=20) == "ahead"
+    wait_for(lambda: broker.queue_lengths(["default"]) == {"default": 0})
+    assert attempts("prefetched") == 0
+    assert result.state == TaskState.REVOKED
+    assert TaskResult.objects.get(pk=result.id).reason == "revoked"
+
+
 def test_revoke_terminate_stops_a_running_task(e2e: E2E) -> None:
     e2e.start_worker("-c", "1")
     result = tasks.slow_once.delay("terminate", 60)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+from django.tasks import Task as DjangoTask
+from django.tasks import TaskResult as DjangoTaskResult
 from django.tasks import TaskResultStatus
 from django.test import override_settings
 
@@ -22,6 +27,9 @@ from tests.testapp.models import Execution
 from tests.workers import wait_for
 
 pytestmark = pytest.mark.e2e
+
+#: Run a test on each pool: the thread pool stops, counts and beats in code of its own.
+EACH_POOL = pytest.mark.parametrize("pool", ["process", "thread"])
 
 
 def test_delay_and_get(e2e: E2E) -> None:
@@ -88,6 +96,40 @@ def test_django_tasks_api(e2e: E2E) -> None:
     assert failing.status == TaskResultStatus.FAILED
     assert failing.errors[0].exception_class is tasks.CustomError
     assert "django failure" in failing.errors[0].traceback
+
+
+async def finished(task: DjangoTask, result_id: str, timeout: float = 20.0) -> DjangoTaskResult:
+    """Await ``task.aget_result()`` until the result is finished; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await task.aget_result(result_id)
+        if result.is_finished:
+            return result
+        assert time.monotonic() < deadline, f"{result_id} not finished within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+def test_aenqueue_and_aget_result(e2e: E2E) -> None:
+    """Django's async API, from async code: a Django task, one of ours, a coroutine task."""
+    e2e.start_worker("-c", "1")
+    calls = [(tasks.django_add, (2, 3)), (tasks.add, (4, 5)), (tasks.async_add, (6, 7))]
+
+    async def scenario() -> list[DjangoTaskResult]:
+        try:
+            sent = [await task.aenqueue(*args) for task, args in calls]
+            assert {result.status for result in sent} == {TaskResultStatus.READY}
+            done = [await finished(task, r.id) for (task, _), r in zip(calls, sent, strict=True)]
+            await sent[0].arefresh()
+            assert sent[0].status == TaskResultStatus.SUCCESSFUL
+            return done
+        finally:
+            # The ORM ran in asgiref's executor thread: close its connections there.
+            await sync_to_async(connections.close_all)()
+
+    done = asyncio.run(scenario())
+    assert [r.status for r in done] == [TaskResultStatus.SUCCESSFUL] * 3
+    assert [r.return_value for r in done] == [5, 9, 13]
+    assert [r.attempts for r in done] == [1, 1, 1]
 
 
 def test_get_timeout_raises_a_timeout_error(e2e: E2E) -> None:
@@ -171,8 +213,9 @@ def test_many_workers_share_a_queue_and_run_each_task_once(e2e: E2E) -> None:
     assert first.process.poll() is None and second.process.poll() is None
 
 
-def test_warm_shutdown_finishes_the_running_task(e2e: E2E) -> None:
-    worker = e2e.start_worker("-c", "1")
+@EACH_POOL
+def test_warm_shutdown_finishes_the_running_task(e2e: E2E, pool: str) -> None:
+    worker = e2e.start_worker("-c", "1", "--pool", pool)
     result = tasks.sleep_then_record.delay("warm", 1.5)
     wait_for(lambda: result.state == TaskState.STARTED)
     worker.signal(signal.SIGTERM)
@@ -182,8 +225,23 @@ def test_warm_shutdown_finishes_the_running_task(e2e: E2E) -> None:
     assert "finishing running tasks" in worker.log()
 
 
-def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E) -> None:
-    worker = e2e.start_worker("-c", "1")
+@EACH_POOL
+def test_warm_shutdown_gives_back_the_tasks_not_started(e2e: E2E, pool: str) -> None:
+    running = tasks.sleep_then_record.delay("running", 1.5)
+    waiting = tasks.record.delay("waiting")
+    worker = e2e.start_worker("-c", "1", "--pool", pool, "--prefetch", "2")
+    wait_for(lambda: running.state == TaskState.STARTED)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert (running.state, waiting.state) == (TaskState.SUCCESS, TaskState.PENDING)
+    # Released, not left to its 30 s lease: the next worker runs it at once.
+    e2e.start_worker("-c", "1", "--burst", ready=False)
+    assert waiting.get(timeout=20) == 1
+
+
+@EACH_POOL
+def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E, pool: str) -> None:
+    worker = e2e.start_worker("-c", "1", "--pool", pool)
     result = tasks.slow_once.delay("abort", 60)
     wait_for(lambda: result.state == TaskState.STARTED)
     worker.signal(signal.SIGTERM)
@@ -195,6 +253,27 @@ def test_second_signal_aborts_and_the_task_returns_to_the_queue(e2e: E2E) -> Non
     e2e.start_worker("-c", "1")
     assert result.get(timeout=20) == "done"
     assert Execution.objects.filter(marker="abort").count() == 2
+
+
+@EACH_POOL
+def test_burst_runs_what_is_queued_then_exits(e2e: E2E, pool: str) -> None:
+    results = tasks.add.delay_many([(i, i) for i in range(6)])
+    worker = e2e.start_worker("-c", "2", "--pool", pool, "--burst", ready=False)
+    assert worker.wait(60) == 0
+    assert [r.get(timeout=1) for r in results] == [2 * i for i in range(6)]
+    assert get_backend().broker.queue_lengths(["default"]) == {"default": 0}
+
+
+@EACH_POOL
+def test_max_tasks_exits_after_that_many_tasks(e2e: E2E, pool: str) -> None:
+    results = tasks.add.delay_many([(i, i) for i in range(5)])
+    worker = e2e.start_worker("-c", "1", "--pool", pool, "--max-tasks", "3", ready=False)
+    assert worker.wait(60) == 0
+    assert [r.state for r in results] == [TaskState.SUCCESS] * 3 + [TaskState.PENDING] * 2
+    assert get_backend().broker.queue_lengths(["default"]) == {"default": 2}
+    # Not held under a lease of the worker that left: the next worker runs them at once.
+    e2e.start_worker("-c", "1", "--burst", ready=False)
+    assert [r.get(timeout=20) for r in results[3:]] == [6, 8]
 
 
 def test_killed_worker_task_runs_on_another_after_the_lease(e2e: E2E) -> None:
@@ -218,6 +297,23 @@ def test_banner_and_heartbeat(e2e: E2E) -> None:
     worker.stop()
     record.refresh_from_db()
     assert record.stopped_at is not None and not record.is_alive()
+
+
+@EACH_POOL
+def test_the_heartbeat_advances_while_the_worker_runs(e2e_sqlite: E2E, pool: str) -> None:
+    e2e_sqlite.start_worker("-c", "1", "--pool", pool, "-n", "beating-host")
+    started = wait_for(lambda: Worker.objects.filter(hostname="beating-host").first())
+    assert started.processed == 0
+    assert [r.get(timeout=20) for r in tasks.add.delay_many([(1, 1)] * 3)] == [2] * 3
+
+    def beat_after(last: Worker, processed: int) -> Worker | None:
+        later = Worker.objects.filter(pk=last.pk, last_seen__gt=last.last_seen)
+        return later.filter(processed=processed).first()
+
+    # A beat every 5 seconds: with the tasks counted, then again while idle.
+    beat = wait_for(lambda: beat_after(started, 3), what="a heartbeat counting 3 tasks")
+    beat = wait_for(lambda: beat_after(beat, 3), what="a heartbeat of the idle worker")
+    assert beat.is_alive() and beat.stopped_at is None
 
 
 def test_delay_many(e2e: E2E) -> None:

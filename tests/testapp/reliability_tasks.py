@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from django_tasks import task
@@ -105,3 +106,27 @@ def observed_retry(self: Any) -> int:
     if self.request.retries == 0:
         raise self.retry(countdown=0.1)
     return self.request.retries
+
+
+@task(
+    autoretry_for=(Flaky,),
+    max_retries=None,
+    retry_backoff=0.05,
+    retry_backoff_max=0.1,
+    retry_jitter=False,
+)
+def succeeds_after_failures(marker: str, failures: int) -> int:
+    """Fails ``failures`` times, then succeeds: retried for ever, with a short backoff."""
+    attempt = _attempt(marker)
+    if attempt <= failures:
+        raise Flaky(f"attempt {attempt}")
+    return attempt
+
+
+@task(bind=True, default_retry_delay=42)
+def asks_for_retry(self: Any, countdown: float | None = None, eta: float | None = None) -> float:
+    """Asks once to be retried (``eta`` is a Unix time); the retry returns when it ran."""
+    if self.request.retries == 0:
+        when = None if eta is None else datetime.fromtimestamp(eta, UTC)
+        raise self.retry(countdown=countdown, eta=when)
+    return time.time()
