@@ -86,6 +86,7 @@ def test_the_worker_schedules_an_automatic_retry_after_the_backoff(
     assert_retry_due(outcome, retries, before + delay, time.time() + delay)
 
 
+@pytest.mark.django_db  # The worker reads whether the task was revoked before it retries.
 @pytest.mark.parametrize(
     ("options", "delay"),
     # An "eta" here is in seconds from now; the task is given it as a Unix time.
