@@ -344,9 +344,7 @@ class Executor:
             return True
         try:
             return self.store.is_revoked(task_id)
-        except Exception as exc:
-            if not isinstance(exc, DatabaseError):
-                raise
+        except DatabaseError as exc:
             logger.warning("Could not look for a revoke of task %s: %s", task_id, exc)
             return False
 
