@@ -190,7 +190,7 @@ class TasksBackend(BaseTaskBackend):
             eta=_eta(countdown, eta, task.run_after),
             eta_from_countdown=countdown is not None,
             expires=_expires(expires),
-            headers=_headers(headers),
+            headers=checked_headers(headers),
         )
 
     def publish(self, messages: Sequence[Message], *, on_commit: bool | None = None) -> None:
@@ -464,7 +464,8 @@ def _task_id(task_id: Any) -> str:
     return task_id
 
 
-def _headers(headers: Any) -> dict[str, Any]:
+def checked_headers(headers: Any) -> dict[str, Any]:
+    """A copy of apply_async()'s ``headers``: a dict with string keys (None: empty)."""
     if headers is None:
         return {}
     if not isinstance(headers, dict) or not all(isinstance(key, str) for key in headers):

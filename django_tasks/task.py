@@ -224,12 +224,10 @@ class Task(DjangoTask):
         ``on_commit`` (Redis broker) overrides OPTIONS["PUBLISH_ON_COMMIT"]; ``time_limit`` and
         ``soft_time_limit`` (seconds) override the task's for this call.
         """
-        from .backend import RESERVED_HEADERS, call_arguments, seconds_option
+        from .backend import RESERVED_HEADERS, call_arguments, checked_headers, seconds_option
 
         args, kwargs = call_arguments(args, kwargs)
-        if headers is not None and not isinstance(headers, dict):
-            raise InvalidTask(f"headers must be a dict, not {type(headers).__name__}.")
-        headers = dict(headers or {})
+        headers = checked_headers(headers)
         reserved = RESERVED_HEADERS.intersection(headers)
         if reserved:
             raise InvalidTask(f"headers may not set {', '.join(sorted(reserved))}: the worker "
