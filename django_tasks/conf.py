@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_SECONDS": 30.0,  # How long a delivery stays leased without a heartbeat.
     "PREFETCH": None,  # Deliveries one consumer leases at a time; None: adapted to the tasks.
     "MAX_MESSAGE_SIZE": 1_000_000,  # Bytes, enforced at publish and at consume.
-    "RESULT_EXPIRES": 86400,  # Seconds finished results are kept (0: forever).
+    "RESULT_EXPIRES": 86400,  # Seconds finished results are kept (0: for ever); see expiry.
     "IMPORTS": [],  # Modules imported at start besides each app's tasks module.
     "REDIS_OPTIONS": {},  # Keyword arguments for redis.Redis.from_url().
     "KEY_PREFIX": None,  # The namespace of every Redis key; None: default_key_prefix().
@@ -31,7 +31,6 @@ DEFAULTS: dict[str, Any] = {
     "CONNECT_TIMEOUT": 5.0,  # Seconds delay() waits for an unreachable broker before raising.
     "WORKER_LOST_REDELIVERIES": 1,  # A task whose pool process dies runs again this many times.
     "TRACK_STARTED_AFTER": 0.1,  # Seconds a task runs before its row says STARTED (0: at once).
-    "BEAT_SCHEDULE": {},  # Periodic tasks declared in settings (the scheduler).
 }
 
 
@@ -55,7 +54,6 @@ class BackendConfig:
     connect_timeout: float
     worker_lost_redeliveries: int = 1
     track_started_after: float = 0.1
-    beat_schedule: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def broker_kind(self) -> str:
@@ -113,7 +111,6 @@ class BackendConfig:
                     integer=True,
                 )
             ),
-            beat_schedule=_mapping(prefix, "BEAT_SCHEDULE", merged["BEAT_SCHEDULE"]),
         )
 
 

@@ -138,3 +138,26 @@ def test_the_tables_every_task_writes_carry_no_index_they_do_not_need() -> None:
     # The lookups that need an index still have one.
     for column, table in (("task_name", "taskresult"), ("task_id", "queuedmessage")):
         assert any(t.endswith(table) and f"({column})" in d for t, d in indexes.values()), column
+
+
+def test_expired_results_are_deleted_in_batches_and_unfinished_ones_kept(
+    using: str, settings: Any
+) -> None:
+    from django_tasks.results import ResultStore
+    from tests.routers import ResultsOn
+
+    settings.DATABASE_ROUTERS = [ResultsOn(using)]
+    now = datetime.now(UTC)
+    old = [finished_row(date_done=now - timedelta(days=2)) for _ in range(7)]
+    recent = finished_row(date_done=now - timedelta(hours=1))
+    running = finished_row(state=TaskState.STARTED, date_done=None,
+                           started_at=now - timedelta(days=3))  # fmt: skip
+    TaskResult.objects.using(using).bulk_create([*old, recent, running])
+
+    store = ResultStore()
+    # Two batches of 3 per call: one call deletes 6, the next the last one.
+    assert store.delete_expired(timedelta(days=1), batch_size=3, max_batches=2) == 6
+    assert store.delete_expired(timedelta(days=1), batch_size=3, max_batches=2) == 1
+    assert store.delete_expired(timedelta(days=1), batch_size=3, max_batches=2) == 0
+    left = set(TaskResult.objects.using(using).values_list("pk", flat=True))
+    assert left == {recent.pk, running.pk}

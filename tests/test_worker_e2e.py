@@ -320,3 +320,26 @@ def test_delay_many(e2e: E2E) -> None:
     e2e.start_worker("-c", "2")
     results = tasks.add.delay_many([(i, 1) for i in range(50)])
     assert [r.get(timeout=20) for r in results] == [i + 1 for i in range(50)]
+
+
+def test_a_worker_deletes_results_older_than_result_expires(e2e_sqlite: E2E) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    rows = {
+        name: TaskResult.objects.create(
+            id=new_id(), task_name="tests.testapp.tasks.add", state=state, date_done=done
+        ).pk
+        for name, state, done in (
+            ("old", TaskState.SUCCESS, now - timedelta(days=2)),
+            ("recent", TaskState.FAILURE, now - timedelta(hours=1)),
+            ("unfinished", TaskState.STARTED, None),
+        )
+    }
+    e2e_sqlite.start_worker("-c", "1")  # RESULT_EXPIRES: one day, the default.
+    wait_for(lambda: not TaskResult.objects.filter(pk=rows["old"]).exists(),
+             what="the result older than RESULT_EXPIRES deleted")  # fmt: skip
+    assert TaskResult.objects.filter(pk__in=[rows["recent"], rows["unfinished"]]).count() == 2
+    assert "Deleted 1 expired result(s)" in e2e_sqlite.workers[0].log()

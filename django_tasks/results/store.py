@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import traceback as tb
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from inspect import isclass
 from typing import Any
 
@@ -229,6 +229,26 @@ class ResultStore:
 
     def delete(self, task_id: str) -> None:
         TaskResult.objects.using(self.using).filter(pk=task_id).delete()
+
+    def delete_expired(
+        self, older_than: timedelta, *, batch_size: int = 1000, max_batches: int = 10
+    ) -> int:
+        """Delete finished results done more than ``older_than`` ago; return how many.
+
+        In batches of ``batch_size`` rows, each one short statement (no long lock on a big
+        table), at most ``max_batches`` per call: what is left goes with the next call.
+        Unfinished rows are kept, however old.
+        """
+        results = TaskResult.objects.using(self.using)
+        deleted = 0
+        for _ in range(max_batches):
+            expired = results.expired(older_than).order_by().values_list("pk", flat=True)
+            batch = list(expired[:batch_size])
+            if batch:
+                deleted += results.filter(pk__in=batch).delete()[0]
+            if len(batch) < batch_size:
+                break
+        return deleted
 
 
 def lean_row(result: TaskResult, refusal: BaseException) -> TaskResult:

@@ -24,8 +24,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import FrameType
 from typing import Any
 
@@ -46,6 +47,8 @@ from .execution import Abort, Monitor, raise_soft_time_limit
 logger = logging.getLogger("django_tasks.worker")
 
 HEARTBEAT_INTERVAL = 5.0
+#: How often a worker deletes expired results (OPTIONS["RESULT_EXPIRES"]), in seconds.
+EXPIRY_INTERVAL = 60.0
 SUPERVISE_INTERVAL = 0.2
 #: A child that dies sooner than this after its start delays its restart (crash loop guard).
 RESTART_DELAY = 1.0
@@ -83,6 +86,7 @@ class Worker:
         self.name = f"{self.options.hostname}:{os.getpid()}"
         self.signals_received = 0
         self._stop = threading.Event()
+        self._next_expiry = 0.0
 
     # Start-up -----------------------------------------------------------------------------------
 
@@ -93,6 +97,7 @@ class Worker:
         self._record(started=True)
         self._install_signal_handlers()
         self.sweep_outbox()  # Once the handlers are in place: a stop request may come meanwhile.
+        self.expire_results()
         pool = ProcessPool(self) if self.options.pool == "process" else ThreadPool(self)
         try:
             pool.run()
@@ -172,22 +177,50 @@ class Worker:
             close_old_connections()
 
     def heartbeat(self, processed: int) -> None:
-        """Record that this worker is alive, and publish what senders left in the outbox."""
+        """Record that this worker is alive, publish what senders left in the outbox, and
+        delete expired results when it is time to."""
         self._record(processed=processed)
         self.sweep_outbox()
+        self.expire_results()
+
+    def expire_results(self) -> None:
+        """Delete the finished results older than RESULT_EXPIRES, at most every EXPIRY_INTERVAL.
+
+        Every worker does it (there is no scheduler to ask yet); two doing it at once delete
+        each row once. A long backlog goes a few batches per pass (ResultStore.delete_expired).
+        """
+        seconds = self.backend.config.result_expires
+        if not seconds or time.monotonic() < self._next_expiry:
+            return
+        self._next_expiry = time.monotonic() + EXPIRY_INTERVAL
+        self._chore(
+            lambda: ResultStore().delete_expired(timedelta(seconds=seconds)),
+            failed="Could not delete expired results",
+            done="Deleted %d expired result(s)",
+        )
 
     def sweep_outbox(self) -> None:
-        """Publish the messages left in the outbox (see outbox.sweep()). Never raises."""
+        """Publish the messages left in the outbox (see outbox.sweep())."""
         # The database broker too: a task sent inside atomic() on another database than the
         # broker's goes through the outbox.
-        broker = self.backend.broker
+        self._chore(
+            lambda: outbox.sweep(self.backend.broker, self.backend.alias),
+            failed="Could not publish the outbox",
+            done="Published %d message(s) left in the outbox",
+        )
+
+    def _chore(self, step: Callable[[], int], *, failed: str, done: str) -> None:
+        """Run one of the parent's periodic chores and log how many rows it handled.
+
+        Never raises: a chore that fails is logged and tried again at its next turn.
+        """
         try:
-            count = outbox.sweep(broker, self.backend.alias)
+            count = step()
         except Exception:
-            logger.exception("Could not publish the outbox")
+            logger.exception(failed)
         else:
             if count:
-                logger.info("Published %d message(s) left in the outbox", count)
+                logger.info(done, count)
         finally:
             close_old_connections()
 
