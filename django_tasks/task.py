@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from inspect import iscoroutinefunction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, TypedDict, Unpack, overload
 
-from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, DEFAULT_TASK_QUEUE_NAME
+from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, DEFAULT_TASK_QUEUE_NAME, TaskContext
 from django.tasks import Task as DjangoTask
 from django.tasks.base import DEFAULT_TASK_PRIORITY
 from django.tasks.exceptions import InvalidTask
@@ -92,8 +92,13 @@ def pop_request() -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Task(DjangoTask):
-    """A task: call it to run it here, ``delay()``/``apply_async()``/``enqueue()`` to queue it."""
+class Task[**P, R](DjangoTask):
+    """A task: call it to run it here, ``delay()``/``apply_async()``/``enqueue()`` to queue it.
+
+    Typed by the function it wraps: ``P`` its parameters (without ``self`` of a bound task or
+    the context of one that takes it), ``R`` what it returns, so a type checker sees
+    ``add.delay(1, "x")`` against ``def add(x: int, y: int)`` as the mistake it is.
+    """
 
     #: The registered name; the dotted path of the function unless given.
     name: str = ""
@@ -137,20 +142,19 @@ class Task(DjangoTask):
         """The current call's request (id, retries, args, ...); empty for a direct call."""
         return current_request()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the task here and now, like the plain function."""
         if self.bind:
             return self.func(self, *args, **kwargs)
         return self.func(*args, **kwargs)
 
-    def call(self, *args: Any, **kwargs: Any) -> Any:
-        if self.bind:
-            args = (self, *args)
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        leading = (self,) if self.bind else ()
         if self._coroutine:  # Django's call() runs it in an event loop.
-            return DjangoTask.call(self, *args, **kwargs)
-        return self.func(*args, **kwargs)
+            return super(Task, self).call(*leading, *args, **kwargs)
+        return self.func(*leading, *args, **kwargs)
 
-    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+    async def acall(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if self.bind:
             return await DjangoTask.acall(self, self, *args, **kwargs)
         return await DjangoTask.acall(self, *args, **kwargs)
@@ -194,7 +198,7 @@ class Task(DjangoTask):
         delay = min(base * (2**retries), self.retry_backoff_max)
         return random.uniform(0, delay) if self.retry_jitter else delay  # noqa: S311
 
-    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
         """Queue the task with these arguments; return its AsyncResult at once."""
         if type(self).apply_async is not Task.apply_async:  # A subclass's sees every call.
             return self.apply_async(args, kwargs)
@@ -293,8 +297,51 @@ class Task(DjangoTask):
         return AsyncResult(task_id, backend=self.backend, task_name=self.name)
 
 
+class TaskOptions(TypedDict, total=False):
+    """The options of ``@task(...)`` other than ``bind`` and ``takes_context`` (see task())."""
+
+    name: str | None
+    queue: str | None
+    queue_name: str | None
+    priority: int
+    backend: str
+    ignore_result: bool
+    max_retries: int | None
+    default_retry_delay: float
+    autoretry_for: tuple[type[BaseException], ...]
+    retry_backoff: bool | float
+    retry_backoff_max: float
+    retry_jitter: bool
+    soft_time_limit: float | None
+    time_limit: float | None
+
+
+# The overloads tell a type checker which parameters the task's calls take: the function's,
+# without ``self`` (bind=True) or the context (takes_context=True).
+@overload
+def task[**P, R](function: Callable[P, R], /) -> Task[P, R]: ...
+@overload
+def task[**P, R](
+    *,
+    bind: Literal[False] = False,
+    takes_context: Literal[False] = False,
+    **options: Unpack[TaskOptions],
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+@overload
+def task[**P, R](
+    *, bind: Literal[True], takes_context: Literal[False] = False, **options: Unpack[TaskOptions]
+) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+@overload
+def task[**P, R](
+    *, bind: Literal[False] = False, takes_context: Literal[True], **options: Unpack[TaskOptions]
+) -> Callable[[Callable[Concatenate[TaskContext, P], R]], Task[P, R]]: ...
+@overload
+def task[R](
+    *, bind: bool, takes_context: bool, **options: Unpack[TaskOptions]
+) -> Callable[[Callable[..., R]], Task[..., R]]: ...
 def task(
     function: Callable[..., Any] | None = None,
+    /,
     *,
     name: str | None = None,
     queue: str | None = None,
@@ -321,7 +368,7 @@ def task(
     if queue and queue_name and queue != queue_name:
         raise InvalidTask("Give either queue= or queue_name=, not both.")
 
-    def decorate(func: Callable[..., Any]) -> Task:
+    def decorate(func: Callable[..., Any]) -> Task[..., Any]:
         if bind and not get_func_args(func):
             raise InvalidTask(f"Task {func.__qualname__} has bind=True but takes no 'self'.")
         return Task(
