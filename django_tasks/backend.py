@@ -33,6 +33,7 @@ from .brokers.base import Outgoing
 from .conf import BackendConfig
 from .exceptions import EncodeError
 from .messages import EnvelopeTemplate, Message, new_id
+from .middleware import Middleware, MiddlewareStack
 from .registry import registry
 from .result import AsyncResult
 from .results.store import ResultStore
@@ -68,6 +69,17 @@ class TasksBackend(BaseTaskBackend):
     def config(self) -> BackendConfig:
         """The validated OPTIONS; raises ConfigurationError (an ImproperlyConfigured)."""
         return BackendConfig.from_params(self.alias, self.params)
+
+    @cached_property
+    def middleware(self) -> list[Middleware]:
+        """The project's middleware (OPTIONS["MIDDLEWARE"]), each made once; check() says
+        which cannot be imported."""
+        return [_middleware(path) for path in self.config.middleware]
+
+    @cached_property
+    def hooks(self) -> MiddlewareStack:
+        """The project's middleware as a stack, for the enqueue hooks."""
+        return MiddlewareStack(self.middleware)
 
     @cached_property
     def broker(self) -> Broker:
@@ -151,7 +163,7 @@ class TasksBackend(BaseTaskBackend):
         """The plan of ``task``'s option-less calls; None when they need message() (run_after)."""
         plan = self._plans.get(id(task))
         if plan is None:
-            if task.run_after is not None:
+            if task.run_after is not None or self.middleware:  # Hooks may change the message.
                 return None
             name = self.task_name(task)
             route = self.config.routes.get(name, {})
@@ -200,9 +212,14 @@ class TasksBackend(BaseTaskBackend):
         discards the messages. Otherwise, inside ``atomic()`` (on any database) they are written
         to the outbox in that transaction and sent when it commits (see outbox.py), unless
         ``on_commit`` or PUBLISH_ON_COMMIT say not to. Every message is encoded and size-checked
-        first: a bad one sends none.
+        first: a bad one sends none. The project's middleware sees each message before it is
+        encoded (before_enqueue) and after it is sent (after_enqueue).
         """
+        for message in messages:
+            self.hooks.before_enqueue(message)
         self._dispatch([self.broker.encode(message) for message in messages], on_commit)
+        for message in messages:
+            self.hooks.after_enqueue(message)
 
     def _dispatch(self, batch: Sequence[Outgoing], on_commit: bool | None) -> None:
         """publish() for messages already encoded."""
@@ -324,6 +341,14 @@ class TasksBackend(BaseTaskBackend):
                     id="django_tasks.E002",
                 )
             )
+        for path in config.middleware:
+            try:
+                _middleware(path)
+            except (ImportError, TypeError) as exc:
+                errors.append(checks.Error(
+                    f"TASKS[{self.alias!r}]['OPTIONS']['MIDDLEWARE'] has {path!r}: {exc}",
+                    id="django_tasks.E004",
+                ))  # fmt: skip
         for route_name, route in config.routes.items():
             queue = route.get("queue")
             if queue and self.queues and queue not in self.queues:
@@ -399,6 +424,14 @@ def _open_transaction() -> str | None:
                 return DEFAULT_DB_ALIAS
             found = found or alias
     return found
+
+
+def _middleware(path: str) -> Middleware:
+    """An instance of the middleware class at ``path``; ImportError or TypeError if none."""
+    cls = import_string(path)
+    if not (isinstance(cls, type) and issubclass(cls, Middleware)):
+        raise TypeError("not a subclass of django_tasks.middleware.Middleware")
+    return cls()
 
 
 def resolve_task(name: str) -> DjangoTask:

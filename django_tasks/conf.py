@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "CONNECT_TIMEOUT": 5.0,  # Seconds delay() waits for an unreachable broker before raising.
     "WORKER_LOST_REDELIVERIES": 1,  # A task whose pool process dies runs again this many times.
     "TRACK_STARTED_AFTER": 0.1,  # Seconds a task runs before its row says STARTED (0: at once).
+    "MIDDLEWARE": [],  # Dotted paths of middleware classes (see middleware.py).
 }
 
 
@@ -54,6 +55,7 @@ class BackendConfig:
     connect_timeout: float
     worker_lost_redeliveries: int = 1
     track_started_after: float = 0.1
+    middleware: tuple[str, ...] = ()
 
     @property
     def broker_kind(self) -> str:
@@ -111,6 +113,7 @@ class BackendConfig:
                     integer=True,
                 )
             ),
+            middleware=tuple(_string_list(prefix, "MIDDLEWARE", merged["MIDDLEWARE"])),
         )
 
 

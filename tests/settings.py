@@ -104,6 +104,7 @@ TASKS = {
             "ROUTES": {"tests.testapp.tasks.routed": {"queue": "hipri"}},
             "LEASE_SECONDS": float(os.environ.get("DT_TEST_LEASE_SECONDS", "30")),
             "TRACK_STARTED_AFTER": float(os.environ.get("DT_TEST_TRACK_STARTED_AFTER", "0.1")),
+            "MIDDLEWARE": [m for m in os.environ.get("DT_TEST_MIDDLEWARE", "").split(",") if m],
             "IMPORTS": [
                 "tests.testapp.reliability_tasks",
                 "tests.testapp.hardening_tasks",

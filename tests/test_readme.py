@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from django.db.utils import ConnectionHandler
 
-from django_tasks.backend import TasksBackend
+from django_tasks.backend import TasksBackend, get_backend
 from tests.conftest import E2E
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -77,3 +78,33 @@ def test_calling_and_result_snippets(e2e_sqlite: E2E, shop_app: Path) -> None:
     for snippet in snippets:
         exec(snippet, namespace)
     assert namespace["result"].get(timeout=10) == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_middleware_snippet(
+    shop_app: Path, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django_tasks.messages import decode
+    from django_tasks.models import QueuedMessage, TaskResult
+    from django_tasks.worker.consumer import Consumer
+    from tests.conftest import tasks_setting
+
+    [block] = blocks_with("# shop/middleware.py")
+    (shop_app / "shop" / "middleware.py").write_text(block)
+    [options] = [b for b in python_blocks() if '"MIDDLEWARE"' in b]
+    settings.TASKS = tasks_setting(eval("{" + options + "}")["OPTIONS"])
+    from shop.middleware import current_tenant
+    from shop.tasks import add
+
+    token = current_tenant.set("acme")
+    try:
+        result = add.delay(2, 2)
+    finally:
+        current_tenant.reset(token)
+    body = QueuedMessage.objects.get(task_id=result.id).body
+    assert decode(body).headers == {"tenant": "acme"}
+    with caplog.at_level(logging.INFO, "shop"):
+        Consumer(get_backend(), ["default"], "readme-0", burst=True).run()
+    assert TaskResult.objects.get(pk=result.id).result == 4
+    [line] = [r.getMessage() for r in caplog.records if r.name == "shop"]
+    assert re.fullmatch(r"shop\.tasks\.add took \d+\.\d{3} s \(SUCCESS\)", line)

@@ -1,4 +1,4 @@
-"""The worker's log output: the lines it writes, and the records it skips building."""
+"""The worker's log output: the lines it writes, and Django's task signals and log records."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from django_tasks.messages import Message, new_id
 from django_tasks.models import TaskResult
 from django_tasks.states import TaskState
 from django_tasks.worker.execution import Executor, Outcome, Short
-from django_tasks.worker.logs import LOG_FORMAT, WorkerFormatter, skip_unheard
 from tests.conftest import E2E
 from tests.testapp import tasks
 
@@ -58,21 +57,6 @@ def without_pytest_handlers() -> Iterator[None]:
         root.handlers[:] = captured
 
 
-def test_the_worker_formatter_writes_what_the_standard_one_writes() -> None:
-    ours, standard = WorkerFormatter(LOG_FORMAT), logging.Formatter(LOG_FORMAT)
-    base = 1_767_225_599  # 2025-12-31 23:59:59 UTC: the next second is another day and year.
-    # Within one second, across seconds, and back again (threads log out of order).
-    for created in (base + 0.001, base + 0.999, base + 1.0, base + 1.5, base + 0.25, base + 61):
-        record = logging.makeLogRecord({"msg": "Task %s done", "args": ("x",), "levelno": 20,
-                                        "levelname": "INFO", "created": created,
-                                        "msecs": (created % 1) * 1000})  # fmt: skip
-        assert ours.format(record) == standard.format(record)
-    dated = logging.makeLogRecord({"msg": "m", "created": base + 0.5, "msecs": 500.0})
-    assert WorkerFormatter("%(asctime)s", datefmt="%H:%M").format(dated) == logging.Formatter(
-        "%(asctime)s", datefmt="%H:%M"
-    ).format(dated)
-
-
 def test_a_return_value_is_shown_cut_and_only_when_the_line_is_written() -> None:
     assert str(Short({"a": [1, 2]})) == "{'a': [1, 2]}"
     long = "x" * 500
@@ -91,33 +75,13 @@ def test_a_return_value_is_shown_cut_and_only_when_the_line_is_written() -> None
     assert Counted.made == 0
 
 
-def test_django_task_records_are_skipped_where_no_handler_would_write_them(
-    django_tasks_logger: logging.Logger,
-) -> None:
-    # The test settings keep Django's default logging for "django", and DEBUG is off: Django's
-    # console handler only writes with DEBUG on, and mail_admins only errors.
-    with without_pytest_handlers():
-        assert skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
-    assert not django_tasks_logger.isEnabledFor(logging.INFO)
-    assert django_tasks_logger.isEnabledFor(logging.ERROR)  # Failures are logged as before.
-
-    rejecting = Collect()
-    rejecting.addFilter(lambda record: False)
-    django_tasks_logger.setLevel(logging.NOTSET)
-    django_tasks_logger.addHandler(rejecting)
-    with without_pytest_handlers():
-        assert skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
-
-
 def test_django_task_records_are_kept_where_a_handler_writes_them(
     django_tasks_logger: logging.Logger,
 ) -> None:
     collect = Collect(logging.INFO)
     django_tasks_logger.addHandler(collect)
     with without_pytest_handlers():
-        assert not skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
-        assert django_tasks_logger.isEnabledFor(logging.INFO)
-        # runworker's set-up keeps them too, and Django's receivers log each start and end.
+        # runworker's set-up leaves them alone, and Django's receivers log each start and end.
         Command._configure_logging("INFO")
     assert django_tasks_logger.isEnabledFor(logging.INFO)
     row = TaskResult.build(id="logged", task_name=tasks.add.name, state="SUCCESS")
@@ -127,14 +91,6 @@ def test_django_task_records_are_kept_where_a_handler_writes_them(
     assert [r.getMessage() for r in collect.records] == [
         "Task id=logged path=tests.testapp.tasks.add state=SUCCESSFUL"
     ] * 2
-
-
-def test_runworker_skips_django_records_that_go_nowhere(
-    django_tasks_logger: logging.Logger,
-) -> None:
-    with without_pytest_handlers():
-        Command._configure_logging("INFO")
-    assert not django_tasks_logger.isEnabledFor(logging.INFO)
 
 
 #: A per-task line as runworker writes it (LOG_FORMAT), up to what follows the task id.
@@ -227,30 +183,26 @@ def execute(task: Any, *args: Any) -> Outcome:
     message = Message(id=new_id(), task=task.name, args=list(args))
     delivery = Delivery(tag=message.id, queue="default", body="", message=message)
     executor = Executor(get_backend(), "test-worker")
-    outcome = executor.execute(delivery)
-    executor.write_log()  # As the consumer does before it stores the results.
-    return outcome
+    return executor.execute(delivery)
 
 
 @pytest.mark.django_db
-def test_django_task_signals_nobody_hears_are_not_made(
+def test_django_task_signals_are_sent_for_every_task(
     django_tasks_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counting = Counting(monkeypatch)
     errors = Collect(logging.ERROR)
     django_tasks_logger.addHandler(errors)
-    django_tasks_logger.setLevel(logging.INFO + 1)  # As runworker leaves it with no handler.
     with only_djangos_receivers():
         assert execute(tasks.add, 1, 2).state == TaskState.SUCCESS
-        assert counting.sent == [] and counting.made == 0
-        # A task that takes its context still gets Django's TaskResult in it.
+        assert counting.sent == ["started", "finished"] and counting.made == 1
+        # A task that takes its context gets the same Django TaskResult in it.
         outcome = execute(tasks.django_attempt, "v")
         assert outcome.row is not None and outcome.row.result["id"] == outcome.delivery.tag
-        assert counting.sent == [] and counting.made == 1
-        # A failure is sent all the same: Django's receiver logs it at ERROR, with the traceback.
+        assert counting.made == 2
+        # Django's receiver logs a failure at ERROR, with the traceback.
         failed = execute(tasks.observed_failure)
         assert failed.state == TaskState.FAILURE
-        assert counting.sent == ["finished"]
         [record] = errors.records
         assert record.getMessage() == (
             f"Task id={failed.delivery.tag} path={tasks.observed_failure.name} state=FAILED"

@@ -53,6 +53,8 @@ def worker_env(options: dict[str, Any]) -> dict[str, str]:
         DT_TEST_TRACK_STARTED_AFTER=str(options.get("TRACK_STARTED_AFTER", 0.1)),
         DT_TEST_CLOCK_SKEW=str(options.get("CLOCK_SKEW", "")),
     )
+    if options.get("MIDDLEWARE"):
+        env["DT_TEST_MIDDLEWARE"] = ",".join(options["MIDDLEWARE"])
     if options.get("IMPORTS"):
         env["DT_TEST_IMPORTS"] = ",".join(options["IMPORTS"])
     if options.get("PATH"):

@@ -262,7 +262,6 @@ class Consumer:
         second stop signal (Abort) gives up, and the leases bring the tasks back. A row the
         database refuses for good is not retried: see ResultStore.save_finished_or_lean().
         """
-        self.executor.write_log()
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -279,12 +278,17 @@ class Consumer:
                 # Nothing was committed: store row by row, then acknowledge (below).
                 logger.warning("The result store refused a batch of %d: %s", len(rows), exc)
             else:
-                self._unhold([o.delivery for o in pending])
+                self._done(pending)
                 return
         self._until_done("store the results of", len(pending),
                          lambda: self._store(pending, rows))  # fmt: skip
         self._until_done("acknowledge", len(pending), lambda: self._settle(pending, finished))
+        self._done(pending)
+
+    def _done(self, pending: list[Outcome]) -> None:
+        """The batch is stored and acknowledged: let go of it, and tell the middleware."""
         self._unhold([o.delivery for o in pending])
+        self.executor.middleware.after_ack([o.run for o in pending if o.run is not None])
 
     def _acks_with_results(self, pending: list[Outcome], rows: list[TaskResult]) -> bool:
         """Whether this batch's results can be written by the broker's ack statement."""
@@ -391,14 +395,13 @@ class Consumer:
 
     def _flush_quietly(self) -> None:
         """One attempt at storing what finished while aborting: no retries here."""
-        self.executor.write_log()
         pending, self._pending = self._pending, []
         if not pending:
             return
         try:
             self._store(pending, [o.row for o in pending if o.row is not None])
             self._settle(pending)
-            self._unhold([o.delivery for o in pending])
+            self._done(pending)
         except Exception:
             logger.exception("Could not store the finished results before stopping")
 

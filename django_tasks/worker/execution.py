@@ -1,49 +1,39 @@
-"""Running one delivery: checks, the call itself, the outcome and the signals around it."""
+"""Running one delivery: the task called between its middleware hooks, and what became of it.
+
+Everything around the call itself (expiry, revocation, signals, retries, time limits, and the
+project's own middleware) is middleware: see django_tasks/middleware.py and
+worker/middleware.py. The executor decodes nothing and stores nothing: it turns a delivery into an
+Outcome (the result row to store, and the next attempt to send if there is one) for the consumer.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any, TypeGuard
 
-from django.conf import settings
 from django.db import DatabaseError
-from django.dispatch import Signal
 from django.tasks import Task as DjangoTask
 from django.tasks import TaskContext
-from django.tasks import TaskResult as DjangoTaskResult
-from django.tasks.base import TaskResultStatus
-from django.tasks.signals import log_task_finished, log_task_started, task_finished, task_started
+from django.utils import timezone
 
 from ..backend import TasksBackend
 from ..brokers import Delivery
-from ..exceptions import MessageError, Retry, RetryNotSent, SoftTimeLimitExceeded, Terminated
+from ..exceptions import Retry, Terminated
 from ..messages import Message, _encoder
+from ..middleware import MiddlewareStack, TaskRun
 from ..models import TaskResult
 from ..registry import registry
 from ..results import ResultStore, error_entry
 from ..results.store import is_refusal
-from ..signals import (
-    send_robust,
-    task_failure,
-    task_postrun,
-    task_prerun,
-    task_retry,
-    task_revoked,
-    task_success,
-)
-from ..states import DJANGO_STATUS, TaskState
+from ..states import TaskState
 from ..task import Request, Task, pop_request, push_request
+from .middleware import Expiry, Monitor, Retries, Revocation, Signals, TimeLimits
 
 logger = logging.getLogger("django_tasks.worker")
-#: The logger of Django's own task receivers (log_task_started, log_task_finished).
-_django_logger = logging.getLogger("django.tasks")
 
 
 class Abort(BaseException):
@@ -60,22 +50,8 @@ class Outcome:
     dead_letter: str | None = None
     #: The next attempt and when it is due (a Unix time), replacing the delivery.
     retry: tuple[Message, float] | None = None
-
-
-@dataclass(slots=True)
-class Attempt:
-    """One run of one delivery, as the executor tracks it."""
-
-    delivery: Delivery
-    task: DjangoTask
-    message: Message
-    row: TaskResult
-    #: Django's TaskResult, made only for a receiver or a context that takes it (see _heard()).
-    django_result: DjangoTaskResult | None
-    started: float = field(default_factory=time.monotonic)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
+    #: The run, for the middleware's after_ack hooks (None for a dead letter).
+    run: TaskRun | None = None
 
 
 class Executor:
@@ -94,20 +70,20 @@ class Executor:
         self.store = ResultStore()
         #: Task ids revoked while this consumer held them (kept fresh by the lease keeper).
         self.revoked: set[str] = set()
-        #: Whether SIGALRM may carry soft time limits (the main thread of a pool process).
-        self.alarms = alarms
-        self.monitor = monitor
         self.running: str | None = None
-        self.thread_alarm = ThreadAlarm()
         self.track_started_after = backend.config.track_started_after
         self._started_lock = threading.Lock()
         #: The running task whose start is not recorded yet, and when it started.
         self._unrecorded: tuple[Message, TaskResult | None, float] | None = None
-        self._alarm_set = False  # A soft time limit's SIGALRM is pending.
-        #: The "succeeded" lines not written yet (see write_log()): task, id, seconds, value.
-        self._succeeded_lines: list[tuple[str, str, float, Short]] = []
-        #: For _now(): settings.USE_TZ read once, not (as timezone.now() does) twice per task.
-        self._zone = UTC if settings.USE_TZ else None
+        self.time_limits = TimeLimits(alarms=alarms, monitor=monitor)
+        self.middleware = MiddlewareStack([
+            Expiry(),
+            Revocation(self.revoked),
+            Signals(backend),
+            *backend.middleware,
+            Retries(backend.broker, self._revoked_while_running),
+            self.time_limits,
+        ])  # fmt: skip
 
     def execute(self, delivery: Delivery) -> Outcome:
         message = delivery.message
@@ -116,13 +92,22 @@ class Executor:
         task = registry.get(message.task)
         if task is None:
             return self._dead(delivery, f"unknown task {message.task!r}: not registered here")
-        # By the broker's clock: a worker whose own clock is off neither drops a task early
-        # nor runs one that expired.
-        if message.expires is not None and message.expires < time.time() + delivery.clock_offset:
-            return self._revoked(delivery, task, message, "expired")
-        if message.id in self.revoked:
-            return self._revoked(delivery, task, message, "revoked")
-        return self._run(delivery, task, message)
+        run = TaskRun(task=task, message=message, delivery=delivery, worker_id=self.worker_id,
+                      row=self._row(message))  # fmt: skip
+        entered, skip = self.middleware.before_execute(run)
+        try:
+            if skip is not None:
+                run.revoke(skip.reason)
+            else:
+                self._run(run)
+        finally:
+            self.middleware.after_execute(run, entered)
+        _fill_row(run)
+        self._log(run)
+        self.middleware.settled(run)
+        retry = None if run.next_message is None else (run.next_message, run.retry_eta or 0.0)
+        stored = None if _ignores_result(task) else run.row
+        return Outcome(delivery, run.state, stored, retry=retry, run=run)
 
     def _dead(self, delivery: Delivery, reason: str) -> Outcome:
         logger.error(
@@ -130,60 +115,69 @@ class Executor:
         )
         return Outcome(delivery, "DEAD", dead_letter=reason)
 
-    def _revoked(
-        self, delivery: Delivery, task: DjangoTask, message: Message, reason: str
-    ) -> Outcome:
-        logger.info("Task %s[%s] %s: not run", message.task, message.id, reason)
-        row = None
-        if not _ignores_result(task):
-            row = self._row(message, TaskState.REVOKED)
-            row.reason = reason
-            row.date_done = self._now()
-        _send(task_revoked, task, task_id=message.id, reason=reason)
-        return Outcome(delivery, TaskState.REVOKED, row)
-
-    def _run(self, delivery: Delivery, task: DjangoTask, message: Message) -> Outcome:
-        row = self._row(message, TaskState.STARTED)
+    def _run(self, run: TaskRun) -> None:
+        message = run.message
         logger.debug("Task %s[%s] received", message.task, message.id)
-        self._track_started(message, None if _ignores_result(task) else row)
-        heard = _heard(task_started, log_task_started)
-        django_result = (
-            self.backend.to_django_result(row, task) if heard or task.takes_context else None
-        )
-        attempt = Attempt(delivery, task, message, row, django_result)
-        if heard:
-            _send_django(task_started, type(self.backend), task_result=django_result)
-        _send(task_prerun, task, task_id=message.id, task=task, args=message.args,
-              kwargs=message.kwargs)  # fmt: skip
+        self._track_started(message, None if _ignores_result(run.task) else run.row)
         push_request(lambda: self._request(message))  # Made if the task asks for it.
-        soft, hard = _limits(task, message)
-        self._begin(attempt, soft, hard)
+        self.running = message.id
+        run.ran = True
         try:
-            value = self._call(attempt)
+            run.succeed(self._call(run))
         except Retry as retry:
-            return self._retried(attempt, retry.exc, retry.when or 0.0)
+            run.retry(retry.when or 0.0, retry.exc)
         except Terminated:
-            return self._terminated(attempt)
+            run.revoke("terminated")
         except Abort:
             raise
         except BaseException as exc:
             # sys.exit(), KeyboardInterrupt, GeneratorExit, CancelledError: raised by the task,
             # they end the task (FAILURE), never the pool member running it.
-            return self._failed_or_retried(attempt, exc)
+            run.fail(exc)
         finally:
             self._end()
             pop_request()
-        return self._succeeded(attempt, value)
 
-    def _begin(self, attempt: Attempt, soft: float | None, hard: float | None) -> None:
-        self.running = attempt.message.id
-        if self.monitor is not None:
-            self.monitor.started(attempt.delivery, None if hard is None else time.time() + hard)
-        if soft is not None and self.alarms:
-            signal.setitimer(signal.ITIMER_REAL, soft)
-            self._alarm_set = True
-        elif soft is not None:
-            self.thread_alarm.arm(soft)
+    def _call(self, run: TaskRun) -> Any:
+        task, message = run.task, run.message
+        if task.takes_context:
+            if run.django_result is None:
+                run.django_result = self.backend.to_django_result(run.row, task)
+            context: Any = TaskContext(task_result=run.django_result)
+            value = task.call(context, *message.args, **message.kwargs)
+        else:
+            value = task.call(*message.args, **message.kwargs)
+        if value is None or type(value) in _ALWAYS_JSON:
+            return value
+        try:
+            _encoder.encode(value)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise TypeError(
+                f"The return value of {message.task} ({type(value).__name__}) is not "
+                f"JSON-serialisable: {exc}"
+            ) from None
+        return value
+
+    def _log(self, run: TaskRun) -> None:
+        """One line for how the run ended."""
+        message, state = run.message, run.state
+        name, task_id, elapsed = message.task, message.id, run.elapsed()
+        if state == TaskState.SUCCESS:
+            logger.info("Task %s[%s] succeeded in %.3fs: %s", name, task_id, elapsed,
+                        Short(run.value))  # fmt: skip
+        elif state == TaskState.FAILURE:
+            logger.error("Task %s[%s] failed in %.3fs: %r", name, task_id, elapsed,
+                         run.exception, exc_info=run.exception)  # fmt: skip
+        elif state == TaskState.RETRY:
+            delay = (run.retry_eta or 0.0) - time.time()
+            logger.warning("Task %s[%s] retry %d in %.1fs: %r", name, task_id,
+                           message.retries + 1, max(delay, 0.0), run.exception)  # fmt: skip
+        elif run.ran:
+            logger.warning("Task %s[%s] %s after %.3fs", name, task_id, run.reason, elapsed)
+        else:
+            logger.info("Task %s[%s] %s: not run", name, task_id, run.reason)
+
+    # Recording the start of long tasks -------------------------------------------------------
 
     def _track_started(self, message: Message, row: TaskResult | None) -> None:
         """Record the start of a task now, or (by default) once it has run a little while.
@@ -233,107 +227,14 @@ class Executor:
     def reset(self) -> None:
         """Forget the running task: it ended in an error of the worker's, not of the task's."""
         self._end()
+        self.time_limits.disarm()
 
     def _end(self) -> None:
         with self._started_lock:
             self._unrecorded = None
-        if self._alarm_set:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            self._alarm_set = False
-        self.thread_alarm.disarm()
         self.running = None
-        if self.monitor is not None:
-            self.monitor.finished()
 
-    def _call(self, attempt: Attempt) -> Any:
-        task, message = attempt.task, attempt.message
-        if task.takes_context:
-            assert attempt.django_result is not None  # Made in _run() for such a task.
-            context: Any = TaskContext(task_result=attempt.django_result)
-            value = task.call(context, *message.args, **message.kwargs)
-        else:
-            value = task.call(*message.args, **message.kwargs)
-        if value is None or type(value) in _ALWAYS_JSON:
-            return value
-        try:
-            _encoder.encode(value)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise TypeError(
-                f"The return value of {message.task} ({type(value).__name__}) is not "
-                f"JSON-serialisable: {exc}"
-            ) from None
-        return value
-
-    def _succeeded(self, attempt: Attempt, value: Any) -> Outcome:
-        message, row = attempt.message, attempt.row
-        if logger.isEnabledFor(logging.INFO):
-            self._succeeded_lines.append(
-                (message.task, message.id, attempt.elapsed(), Short(value))
-            )
-        row.state, row.result, row.date_done = TaskState.SUCCESS, value, self._now()
-        _send(task_success, attempt.task, task_id=message.id, result=value)
-        return self._finish(attempt, value)
-
-    def write_log(self) -> None:
-        """Write the "succeeded" line of each task run since the last call, in order.
-
-        The consumer calls it for each batch before storing the results, so a caller that has
-        a result can find its line in the log. A task that fails or is retried is logged at
-        once. Written one after another, the lines of a batch cost the worker about a third of
-        what each costs written between two tasks (a thread-pool drain ran 23 % faster).
-        """
-        lines, self._succeeded_lines = self._succeeded_lines, []
-        for line in lines:
-            logger.info("Task %s[%s] succeeded in %.3fs: %s", *line)
-
-    def _failed_or_retried(self, attempt: Attempt, exc: BaseException) -> Outcome:
-        task, message = attempt.task, attempt.message
-        if isinstance(task, Task) and task.autoretry_for and isinstance(exc, task.autoretry_for):
-            limit = task.max_retries
-            if limit is None or message.retries < limit:
-                return self._retried(attempt, exc, task.retry_delay(message.retries))
-        return self._failed(attempt, exc)
-
-    def _failed(self, attempt: Attempt, exc: BaseException) -> Outcome:
-        message, row = attempt.message, attempt.row
-        logger.error("Task %s[%s] failed in %.3fs: %r", message.task, message.id,
-                     attempt.elapsed(), exc, exc_info=exc)  # fmt: skip
-        _record_error(row, exc)
-        row.state, row.date_done = TaskState.FAILURE, self._now()
-        _send(task_failure, attempt.task, task_id=message.id, exception=exc,
-              traceback=row.traceback)  # fmt: skip
-        return self._finish(attempt, exc)
-
-    def _retried(self, attempt: Attempt, exc: BaseException | None, delay: float) -> Outcome:
-        """Schedule the next attempt: state RETRY now, the same task id again after ``delay``.
-
-        A task revoked meanwhile is not retried; nor is one whose next message could not be
-        sent (over MAX_MESSAGE_SIZE, say): it fails with that reason.
-        """
-        task, message, row = attempt.task, attempt.message, attempt.row
-        if self._revoked_while_running(message.id):
-            logger.warning("Task %s[%s] was revoked: its retry is not scheduled", message.task,
-                           message.id)  # fmt: skip
-            return self._revoked(attempt.delivery, task, message, "revoked")
-        eta = time.time() + delay
-        headers = {**message.headers, "worker_ids": row.worker_ids}
-        following = replace(message, retries=message.retries + 1, eta=eta, headers=headers)
-        try:
-            self.backend.broker.encode(following)
-        except MessageError as error:
-            refused = RetryNotSent(f"The retry of task {message.task} could not be sent: {error}")
-            refused.__cause__ = exc
-            return self._failed(attempt, refused)
-        logger.warning("Task %s[%s] retry %d in %.1fs: %r", message.task, message.id,
-                       message.retries + 1, delay, exc)  # fmt: skip
-        if exc is not None:
-            _record_error(row, exc)
-        row.state, row.retries = TaskState.RETRY, message.retries + 1
-        _send(task_retry, task, task_id=message.id, reason=exc, eta=eta)
-        _send(task_postrun, task, task_id=message.id, task=task, args=message.args,
-              kwargs=message.kwargs, retval=exc, state=row.state)  # fmt: skip
-        stored = None if _ignores_result(task) else row
-        return Outcome(attempt.delivery, TaskState.RETRY, stored, retry=(following, eta))
+    # Revocation -------------------------------------------------------------------------------
 
     def _revoked_while_running(self, task_id: str) -> bool:
         """Whether ``task_id`` was revoked: as the lease keeper saw, or the store says now.
@@ -348,38 +249,15 @@ class Executor:
             logger.warning("Could not look for a revoke of task %s: %s", task_id, exc)
             return False
 
-    def _terminated(self, attempt: Attempt) -> Outcome:
-        message, row = attempt.message, attempt.row
-        logger.warning("Task %s[%s] terminated (revoked) after %.3fs", message.task,
-                       message.id, attempt.elapsed())  # fmt: skip
-        row.state, row.reason, row.date_done = TaskState.REVOKED, "terminated", self._now()
-        _send(task_revoked, attempt.task, task_id=message.id, reason="terminated")
-        return self._finish(attempt, None)
+    # The result row and the request -----------------------------------------------------------
 
-    def _finish(self, attempt: Attempt, retval: Any) -> Outcome:
-        """Tell Django's and our postrun receivers, and hand the row to the consumer."""
-        task, message, row = attempt.task, attempt.message, attempt.row
-        # A failure is always sent: Django's receiver logs it at ERROR, which a handler may take
-        # (mail_admins with Django's default LOGGING) even where its INFO records go nowhere.
-        failed = DJANGO_STATUS[row.state] == TaskResultStatus.FAILED
-        if failed or _heard(task_finished, log_task_finished):
-            result = attempt.django_result
-            if result is None:
-                result = self.backend.to_django_result(row, task)
-            else:
-                _finish_django_result(result, row)
-            _send_django(task_finished, type(self.backend), task_result=result)
-        _send(task_postrun, task, task_id=message.id, task=task, args=message.args,
-              kwargs=message.kwargs, retval=retval, state=row.state)  # fmt: skip
-        return Outcome(attempt.delivery, row.state, None if _ignores_result(task) else row)
-
-    def _row(self, message: Message, state: str) -> TaskResult:
+    def _row(self, message: Message) -> TaskResult:
         earlier = message.headers.get("worker_ids")
         workers = [*earlier, self.worker_id] if _strings(earlier) else [self.worker_id]
         return TaskResult.build(
             id=message.id,
             task_name=message.task,
-            state=state,
+            state=TaskState.STARTED,
             queue=message.queue,
             priority=message.priority,
             args=message.args,
@@ -390,13 +268,9 @@ class Executor:
             root_id=message.root_id or "",
             parent_id=message.parent_id or "",
             group_id=message.group_id or "",
-            enqueued_at=_aware(message.enqueued_at),
-            started_at=self._now(),
+            enqueued_at=datetime.fromtimestamp(message.enqueued_at, tz=UTC),
+            started_at=timezone.now(),
         )
-
-    def _now(self) -> datetime:
-        """timezone.now()."""
-        return datetime.now(self._zone)
 
     def _request(self, message: Message) -> Request:
         return Request(
@@ -417,116 +291,28 @@ class Executor:
         )
 
 
-def _finish_django_result(result: DjangoTaskResult, row: TaskResult) -> None:
-    from django.tasks.base import TaskError
-
-    from ..states import DJANGO_STATUS
-
-    object.__setattr__(result, "status", DJANGO_STATUS[row.state])
-    object.__setattr__(result, "finished_at", row.date_done)
-    if row.state == TaskState.SUCCESS:
-        object.__setattr__(result, "_return_value", row.result)
-    for entry in row.errors[-1:]:
-        result.errors.append(
-            TaskError(
-                exception_class_path=entry["exception_class_path"], traceback=entry["traceback"]
-            )
-        )
-
-
-def _record_error(row: TaskResult, exc: BaseException) -> None:
-    entry = error_entry(exc)
-    row.exception_type = entry["exception_class_path"]
-    row.exception_message = entry["message"]
-    row.traceback = entry["traceback"]
-    row.errors = [entry]
-
-
-def _limits(task: DjangoTask, message: Message) -> tuple[float | None, float | None]:
-    """The soft and hard time limits of this call: the call's options, else the task's.
-
-    A header that is not a positive finite number (from another producer) is ignored.
-    """
-    soft = _positive(message.headers.get("soft_time_limit"))
-    hard = _positive(message.headers.get("time_limit"))
-    if isinstance(task, Task):
-        soft = soft if soft is not None else task.soft_time_limit
-        hard = hard if hard is not None else task.time_limit
-    return soft, hard
+def _fill_row(run: TaskRun) -> None:
+    """Write the run's final state into its result row: the one place that does."""
+    row, state = run.row, run.state
+    row.state = state
+    if state == TaskState.SUCCESS:
+        row.result = run.value
+    elif state in (TaskState.FAILURE, TaskState.RETRY) and run.exception is not None:
+        entry = error_entry(run.exception)
+        row.exception_type = entry["exception_class_path"]
+        row.exception_message = entry["message"]
+        row.traceback = entry["traceback"]
+        row.errors = [entry]
+    if state == TaskState.RETRY:
+        row.retries = run.message.retries + 1
+    else:
+        row.date_done = timezone.now()
+    if state == TaskState.REVOKED:
+        row.reason = run.reason
 
 
 def _strings(value: Any) -> TypeGuard[list[str]]:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-def _positive(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if 0 < value < math.inf else None
-
-
-def raise_soft_time_limit(signum: int, frame: FrameType | None) -> None:
-    """SIGALRM handler of pool processes: the running task overran its soft time limit."""
-    raise SoftTimeLimitExceeded("soft time limit exceeded")
-
-
-class ThreadAlarm:
-    """Soft time limits where SIGALRM cannot reach the task: in a thread of the thread pool.
-
-    SoftTimeLimitExceeded is raised asynchronously in the task's thread. Python delivers it at the
-    thread's next bytecode, so a task blocked inside a C call (a socket read, time.sleep) sees it
-    only when that call returns: the limit is enforced as well as a thread allows.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
-        self._thread = 0
-        self._armed = False
-        self._fired = False
-
-    def arm(self, seconds: float) -> None:
-        with self._lock:
-            self._thread, self._armed, self._fired = threading.get_ident(), True, False
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        with self._lock:
-            if self._armed:
-                self._fired = _async_raise(self._thread, SoftTimeLimitExceeded)
-
-    def disarm(self) -> None:
-        if self._timer is None:
-            return
-        self._timer.cancel()
-        with self._lock:
-            self._armed = False
-            if self._fired:  # Not delivered yet: the task ended first.
-                _async_raise(self._thread, None)
-        self._timer = None
-
-
-def _async_raise(thread_id: int, exception: type[BaseException] | None) -> bool:
-    """Raise ``exception`` in another thread at its next bytecode (None clears a pending one)."""
-    import ctypes  # Here: a thread pool that never aborts a task does without it (0.6 MiB).
-
-    argument = ctypes.py_object(exception) if exception is not None else None
-    return bool(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), argument))
-
-
-class Monitor:
-    """Reports the running task to whoever enforces hard time limits (the pool's parent)."""
-
-    def started(self, delivery: Delivery, hard_deadline: float | None) -> None:
-        """``delivery`` started; it must be stopped after ``hard_deadline`` (a Unix time)."""
-
-    def finished(self) -> None:
-        """The running task ended."""
-
-    def held(self, deliveries: list[Delivery]) -> None:
-        """The deliveries leased by this pool member now (running or waiting to run)."""
 
 
 #: Return values that JSON always encodes (None aside): no need to try.
@@ -535,10 +321,6 @@ _ALWAYS_JSON = (bool, str)
 
 def _ignores_result(task: DjangoTask) -> bool:
     return isinstance(task, Task) and task.ignore_result
-
-
-def _aware(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, tz=UTC)
 
 
 class Short:
@@ -556,36 +338,3 @@ class Short:
     def __str__(self) -> str:
         text = repr(self.value)
         return text if len(text) <= self.LIMIT else text[: self.LIMIT] + "..."
-
-
-def _heard(signal: Signal, django_receiver: Any) -> bool:
-    """Whether sending Django's ``signal`` (task_started, task_finished) would do anything.
-
-    Django connects ``django_receiver`` to it, which only logs an INFO record on
-    ``django.tasks``; runworker stops that logger building such records where no handler would
-    write them (worker/logs.py). Then, with no other receiver, the signal and the TaskResult it
-    carries are not made at all, which saves about a tenth of what a no-op task costs the worker
-    (bench/compare drain).
-    """
-    receivers = signal.receivers
-    if not receivers:
-        return False
-    if len(receivers) > 1 or _django_logger.isEnabledFor(logging.INFO):
-        return True
-    try:
-        # django.dispatch keys a receiver by the id of the function, first in its entry.
-        return bool(receivers[0][0][0] != id(django_receiver))
-    except (IndexError, KeyError, TypeError):  # Another layout: send it, as Django would.
-        return True
-
-
-def _send(signal: Signal, sender: DjangoTask, **kwargs: Any) -> None:
-    """Send one of our signals; a receiver's failure is logged, never raised into the task."""
-    if not signal.receivers:  # send_robust() looks first too; this saves the call.
-        return
-    send_robust(signal, sender, **kwargs)
-
-
-def _send_django(signal: Signal, sender: type[TasksBackend], **kwargs: Any) -> None:
-    """Send Django's task_started or task_finished, as _send() sends ours."""
-    send_robust(signal, sender, **kwargs)

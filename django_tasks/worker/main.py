@@ -42,7 +42,8 @@ from ..models import Worker as WorkerRecord
 from ..registry import registry
 from ..results import ResultStore
 from .consumer import Consumer
-from .execution import Abort, Monitor, raise_soft_time_limit
+from .execution import Abort
+from .middleware import Monitor, raise_soft_time_limit
 
 logger = logging.getLogger("django_tasks.worker")
 

@@ -151,3 +151,16 @@ def record_through_outages(marker: str, seconds: float = 0.0) -> int:
 @task
 async def async_add(x: int, y: int) -> int:
     return x + y
+
+
+@task
+def tenant(**kwargs: Any) -> str | None:
+    """The tenant the code runs for, as TenantMiddleware (tests/testapp/middleware.py) sets it."""
+    from tests.testapp.middleware import current_tenant
+
+    return current_tenant.get()
+
+
+@task(autoretry_for=(CustomError,), max_retries=1, default_retry_delay=30)
+def retried_once() -> None:
+    raise CustomError("again")

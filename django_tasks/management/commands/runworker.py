@@ -13,7 +13,6 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...backend import get_backend
 from ...worker import Worker
-from ...worker.logs import LOG_FORMAT, WorkerFormatter, skip_unheard
 
 #: System checks of the web side, which a worker leaves to ``manage.py check`` and ``runserver``:
 #: it serves no URL, renders no template and makes no migration, and running them would load the
@@ -22,6 +21,10 @@ WEB_CHECK_TAGS = frozenset({
     checks.Tags.admin, checks.Tags.commands, checks.Tags.security, checks.Tags.staticfiles,
     checks.Tags.templates, checks.Tags.urls,
 })  # fmt: skip
+
+
+#: The format of our log lines where the project's LOGGING gives our handler none (as Celery's).
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 
 
 class Command(BaseCommand):
@@ -156,11 +159,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def _configure_logging(level: str) -> None:
-        """Log to stderr unless the project's LOGGING already routes our logger somewhere.
-
-        Django's own per-task records (INFO on ``django.tasks``) are not built at all where the
-        project's LOGGING would write them nowhere (Django's default with DEBUG off).
-        """
+        """Log to stderr unless the project's LOGGING already routes our logger somewhere."""
         logger = logging.getLogger("django_tasks")
         logger.setLevel(level)
         if not logger.handlers:
@@ -168,7 +167,4 @@ class Command(BaseCommand):
             logger.propagate = False
         for existing in logger.handlers:
             if existing.formatter is None:
-                existing.setFormatter(WorkerFormatter(LOG_FORMAT))
-        if skip_unheard("django.tasks", logging.INFO, "Task id=%s path=%s state=%s",
-                        ("", "", "RUNNING")):  # fmt: skip
-            logger.debug("django.tasks INFO records go to no handler: the worker skips them")
+                existing.setFormatter(logging.Formatter(LOG_FORMAT))
