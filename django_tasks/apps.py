@@ -1,3 +1,5 @@
+"""The app's configuration: what django_tasks does when Django starts."""
+
 from typing import Any
 
 from django.apps import AppConfig

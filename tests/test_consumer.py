@@ -111,7 +111,7 @@ def test_a_pool_process_reports_its_running_task_to_the_parent() -> None:
     import multiprocessing
 
     from django_tasks.messages import Message
-    from django_tasks.worker.main import SlotMonitor
+    from django_tasks.worker.supervisor import SlotMonitor
 
     monitor = SlotMonitor(multiprocessing.get_context("fork"))
     message = Message(id="t-1", task="tests.testapp.tasks.add", queue="hipri", priority=-3)

@@ -1,5 +1,5 @@
 """The runtime: a supervisor (Worker) over a pool of consumers that run tasks."""
 
-from .main import Worker
+from .supervisor import Worker
 
 __all__ = ["Worker"]

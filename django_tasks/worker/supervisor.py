@@ -1,9 +1,9 @@
-"""The Worker: one parent process supervising a pool of consumers.
+"""The supervisor: the Worker, one parent process over a pool of consumers.
 
 Process pool (the default): each child is a forked process running one Consumer that takes work
 from the broker itself: no per-task traffic through the parent. The parent restarts children that
 die, records the worker's heartbeat, publishes what senders left in the outbox (at start and with
-each heartbeat), and turns signals into a warm then a cold shutdown.
+each heartbeat), deletes expired results, and turns signals into a warm then a cold shutdown.
 
 Thread pool: the consumers are threads of this process. A running task cannot be interrupted in
 a thread, so the second signal releases the unfinished deliveries and exits the process.
