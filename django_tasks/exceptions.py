@@ -3,7 +3,7 @@
 import builtins
 
 from django.core.exceptions import ImproperlyConfigured
-from django.tasks.exceptions import InvalidTask, TaskException
+from django.tasks.exceptions import TaskException
 
 
 class TasksError(TaskException):
@@ -12,10 +12,6 @@ class TasksError(TaskException):
 
 class ConfigurationError(ImproperlyConfigured):
     """The TASKS setting (or an option of it) is invalid."""
-
-
-class UnknownOptionError(InvalidTask, TypeError):
-    """apply_async() or the @task decorator was given an option it does not know."""
 
 
 class MessageError(TasksError):

@@ -259,6 +259,3 @@ class Worker(models.Model):
     def is_alive(self, now: datetime | None = None, grace: float = 30.0) -> bool:
         now = now or timezone.now()
         return self.stopped_at is None and (now - self.last_seen).total_seconds() < grace
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "queues": self.queues, "pid": self.pid}

@@ -340,7 +340,3 @@ def _datetime(timestamp: float) -> datetime:
     """A Unix time as the database wants it: aware, or naive in TIME_ZONE without USE_TZ."""
     when = datetime.fromtimestamp(timestamp, tz=UTC)
     return when if settings.USE_TZ else timezone.make_naive(when)
-
-
-def is_ready(state: str) -> bool:
-    return state in (TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED)
