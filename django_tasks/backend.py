@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import re
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from .conf import BackendConfig
 from .exceptions import EncodeError
 from .messages import EnvelopeTemplate, Message, new_id
 from .middleware import Middleware, MiddlewareStack
+from .options import checked_headers, checked_task_id, eta_option, expires_option
 from .registry import registry
 from .result import AsyncResult
 from .results.store import ResultStore
@@ -43,11 +42,6 @@ from .task import Task
 
 if TYPE_CHECKING:
     from .models import TaskResult
-
-#: Headers the worker reads and writes itself: apply_async() sets them from its options.
-RESERVED_HEADERS = frozenset({"time_limit", "soft_time_limit", "worker_ids"})
-#: The longest task id: the length of the columns that store it (TaskResult's primary key).
-TASK_ID_MAX_LENGTH = 255
 
 
 class TasksBackend(BaseTaskBackend):
@@ -193,15 +187,15 @@ class TasksBackend(BaseTaskBackend):
         name = self.task_name(task)
         route = self.config.routes.get(name, {})
         return Message(
-            id=new_id() if task_id is None else _task_id(task_id),
+            id=new_id() if task_id is None else checked_task_id(task_id),
             task=name,
             args=args,
             kwargs=kwargs,
             queue=self._queue(queue or route.get("queue") or task.queue_name),
             priority=self._priority(priority, route.get("priority"), task.priority),
-            eta=_eta(countdown, eta, task.run_after),
+            eta=eta_option(countdown, eta, task.run_after),
             eta_from_countdown=countdown is not None,
-            expires=_expires(expires),
+            expires=expires_option(expires),
             headers=checked_headers(headers),
         )
 
@@ -450,79 +444,6 @@ def resolve_task(name: str) -> DjangoTask:
     if task is None:
         raise TaskResultDoesNotExist(f"The task {name!r} of this result is not registered.")
     return task
-
-
-def _eta(
-    countdown: float | timedelta | None, eta: datetime | None, run_after: datetime | None
-) -> float | None:
-    if countdown is not None and eta is not None:
-        raise InvalidTask("Give either countdown or eta, not both.")
-    if countdown is not None:
-        seconds = seconds_option("countdown", countdown, "seconds or a timedelta")
-        return time.time() + seconds if seconds > 0 else None
-    when = eta if eta is not None else run_after
-    return None if when is None else _timestamp(when, "eta")
-
-
-def _expires(expires: float | timedelta | datetime | None) -> float | None:
-    if expires is None:
-        return None
-    if isinstance(expires, datetime):
-        return _timestamp(expires, "expires")
-    return time.time() + seconds_option("expires", expires, "seconds, a timedelta or a datetime")
-
-
-#: The longest countdown, expiry or time limit accepted, in seconds (about a hundred years):
-#: a longer one is a mistake, and would overflow the times of the database and of Redis.
-MAX_SECONDS = 100 * 365 * 86400
-
-
-def seconds_option(option: str, value: Any, kinds: str = "seconds") -> float:
-    """``value`` (a number of seconds or a timedelta) as a finite float; InvalidTask if not."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise InvalidTask(f"{option} must be {kinds}, not {value!r}.")
-    if not math.isfinite(seconds) or abs(seconds) > MAX_SECONDS:
-        raise InvalidTask(f"{option} must be a finite number of seconds under 100 years, "
-                          f"not {value!r}.")  # fmt: skip
-    return float(seconds)
-
-
-def _task_id(task_id: Any) -> str:
-    if not isinstance(task_id, str) or not task_id or len(task_id) > TASK_ID_MAX_LENGTH:
-        raise InvalidTask(
-            f"task_id must be a non-empty string of at most {TASK_ID_MAX_LENGTH} characters "
-            f"(the column that stores it), not {task_id!r:.80}."
-        )
-    return task_id
-
-
-def checked_headers(headers: Any) -> dict[str, Any]:
-    """A copy of apply_async()'s ``headers``: a dict with string keys (None: empty)."""
-    if headers is None:
-        return {}
-    if not isinstance(headers, dict) or not all(isinstance(key, str) for key in headers):
-        raise InvalidTask(f"headers must be a dict with string keys, not {headers!r:.80}.")
-    return dict(headers)
-
-
-def call_arguments(args: Any, kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
-    """apply_async()'s ``args`` and ``kwargs``, checked: a list or tuple, a dict of str keys."""
-    if args is not None and not isinstance(args, list | tuple):
-        raise InvalidTask(f"args must be a list or a tuple, not {type(args).__name__}.")
-    if kwargs is not None and (
-        not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs)
-    ):
-        raise InvalidTask("kwargs must be a dict with string keys.")
-    return list(args or ()), dict(kwargs or {})
-
-
-def _timestamp(when: datetime, option: str) -> float:
-    if not isinstance(when, datetime):
-        raise InvalidTask(f"{option} must be a datetime, not {when!r}.")
-    if timezone.is_naive(when):
-        when = timezone.make_aware(when, timezone.get_default_timezone())
-    return when.timestamp()
 
 
 # Our backend for an alias, even when TASKS does not configure one ------------------------------

@@ -24,6 +24,7 @@ from django.tasks.exceptions import InvalidTask
 from django.utils.inspect import get_func_args
 
 from .exceptions import MaxRetriesExceededError, Retry
+from .options import call_arguments, call_headers
 from .registry import registry
 
 if TYPE_CHECKING:
@@ -228,20 +229,8 @@ class Task[**P, R](DjangoTask):
         ``on_commit`` (Redis broker) overrides OPTIONS["PUBLISH_ON_COMMIT"]; ``time_limit`` and
         ``soft_time_limit`` (seconds) override the task's for this call.
         """
-        from .backend import RESERVED_HEADERS, call_arguments, checked_headers, seconds_option
-
         args, kwargs = call_arguments(args, kwargs)
-        headers = checked_headers(headers)
-        reserved = RESERVED_HEADERS.intersection(headers)
-        if reserved:
-            raise InvalidTask(f"headers may not set {', '.join(sorted(reserved))}: the worker "
-                              "sets them (use the options of the same names).")  # fmt: skip
-        for option, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
-            if value is not None:
-                seconds = seconds_option(option, value, "a positive number of seconds")
-                if seconds <= 0:
-                    raise InvalidTask(f"{option} must be a positive number of seconds.")
-                headers[option] = seconds
+        headers = call_headers(headers, time_limit, soft_time_limit)
         if on_commit is not None and not isinstance(on_commit, bool):
             raise InvalidTask(f"on_commit must be True, False or None, not {on_commit!r}.")
 
