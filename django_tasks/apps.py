@@ -14,7 +14,8 @@ class DjangoTasksConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, signals  # noqa: F401 (registers checks and receivers)
+        # Registers checks and receivers; backend installs how tasks find their backend.
+        from . import backend, checks, signals  # noqa: F401
 
         self.import_brokers()
 

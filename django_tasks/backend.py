@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 from django.db import DEFAULT_DB_ALIAS, connections, router
+from django.dispatch import receiver
 from django.tasks import Task as DjangoTask
 from django.tasks import TaskResult as DjangoTaskResult
 from django.tasks import TaskResultStatus, task_backends
@@ -33,7 +35,7 @@ from .exceptions import EncodeError
 from .messages import EnvelopeTemplate, Message, new_id
 from .middleware import Middleware, MiddlewareStack
 from .options import checked_headers, checked_task_id, eta_option, expires_option
-from .registry import registry
+from .registry import install_backend_lookup, registry
 from .result import AsyncResult
 from .results.store import ResultStore
 from .signals import send_robust
@@ -491,6 +493,9 @@ _local = threading.local()
 _generation = [0]
 
 
+install_backend_lookup(get_backend)
+
+
 def reset_implicit_backends() -> None:
     with _implicit_lock:
         _implicit_backends.clear()
@@ -505,3 +510,11 @@ def close_brokers() -> None:
     """
     for broker in list(_brokers):
         broker.close()
+
+
+@receiver(setting_changed)
+def reset_backends(*, setting: str, **kwargs: object) -> None:
+    """Forget cached backends (and close their brokers) when a test overrides TASKS."""
+    if setting == "TASKS":
+        close_brokers()
+        reset_implicit_backends()

@@ -1,21 +1,29 @@
-"""Task name -> Task, and the discovery of every installed app's ``tasks`` module.
+"""Task name -> Task, the discovery of every installed app's ``tasks`` module, and alias -> backend.
 
 A worker runs only the tasks found here: a message naming anything else is dead-lettered, so a
 message can never make a worker import or call an arbitrary function.
+
+Tasks and results find their backend through ``backend_for()``, which backend.py sets up when it
+is imported (the app's ready() imports it): task.py and result.py need not import backend.py,
+which imports them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from importlib import import_module
 from threading import RLock
 from typing import TYPE_CHECKING
 
 from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import module_has_submodule
 
 if TYPE_CHECKING:
     from django.tasks import Task as DjangoTask
+
+    from .backend import TasksBackend
 
 logger = logging.getLogger("django_tasks")
 
@@ -70,3 +78,20 @@ def _path(task: DjangoTask) -> str:
 
 
 registry = Registry()
+
+
+_backend_lookup: list[Callable[[str], TasksBackend]] = []
+
+
+def install_backend_lookup(lookup: Callable[[str], TasksBackend]) -> None:
+    """Make ``lookup`` (backend.get_backend) the way tasks and results find their backend."""
+    _backend_lookup[:] = [lookup]
+
+
+def backend_for(alias: str) -> TasksBackend:
+    """Our backend for the TASKS alias ``alias`` (see backend.get_backend)."""
+    if not _backend_lookup:
+        raise ImproperlyConfigured(
+            "django_tasks is not set up: add it to INSTALLED_APPS and call django.setup()."
+        )
+    return _backend_lookup[0](alias)

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS
 
 from .exceptions import BrokerError, TaskRevokedError, TimeoutError
+from .registry import backend_for
 from .results.store import REVOKED, TERMINATED, ResultStore, rebuild_exception
 from .states import READY_STATES, TaskState
-from .task import backend_getter
 
 if TYPE_CHECKING:
     from .backend import TasksBackend
@@ -49,7 +49,7 @@ class AsyncResult:
 
     @property
     def backend(self) -> TasksBackend:
-        return backend_getter()(self.backend_alias)
+        return backend_for(self.backend_alias)
 
     def _fetch(self) -> TaskResult | None:
         """The stored row; once the task is finished it is cached and never read again."""

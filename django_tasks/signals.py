@@ -14,8 +14,7 @@ as Django documents them. A receiver's exception is logged, never propagated int
 import logging
 from typing import Any
 
-from django.core.signals import setting_changed
-from django.dispatch import Signal, receiver
+from django.dispatch import Signal
 
 logger = logging.getLogger("django_tasks.signals")
 
@@ -32,13 +31,3 @@ def send_robust(signal: Signal, sender: Any, **kwargs: Any) -> None:
     for handler, response in signal.send_robust(sender=sender, **kwargs):
         if isinstance(response, Exception):
             logger.error("Signal receiver %r failed: %r", handler, response, exc_info=response)
-
-
-@receiver(setting_changed)
-def reset_backends(*, setting: str, **kwargs: object) -> None:
-    """Forget cached backends (and their brokers) when a test overrides TASKS."""
-    if setting == "TASKS":
-        from .backend import close_brokers, reset_implicit_backends
-
-        close_brokers()
-        reset_implicit_backends()

@@ -7,7 +7,6 @@ both APIs; ``enqueue()`` keeps Django's semantics.
 
 from __future__ import annotations
 
-import functools
 import random
 import threading
 import time
@@ -25,7 +24,7 @@ from django.utils.inspect import get_func_args
 
 from .exceptions import MaxRetriesExceededError, Retry
 from .options import call_arguments, call_headers
-from .registry import registry
+from .registry import backend_for, registry
 
 if TYPE_CHECKING:
     from .backend import TasksBackend
@@ -58,18 +57,6 @@ class Request:
 
 _DIRECT_CALL = Request()
 _local = threading.local()
-
-
-@functools.cache
-def backend_getter() -> Callable[[str], TasksBackend]:
-    """backend.get_backend, imported once (not at import time: it needs the app registry).
-
-    An import statement in a function costs about as much as the lookup itself, on every
-    delay().
-    """
-    from .backend import get_backend
-
-    return get_backend
 
 
 def current_request() -> Request:
@@ -136,7 +123,7 @@ class Task[**P, R](DjangoTask):
         registry.register(self, self.name)
 
     def get_backend(self) -> TasksBackend:
-        return backend_getter()(self.backend)
+        return backend_for(self.backend)
 
     @property
     def request(self) -> Request:
