@@ -13,7 +13,7 @@ from django.tasks.signals import task_finished, task_started
 
 from django_tasks.backend import get_backend
 from django_tasks.brokers import Delivery
-from django_tasks.management.commands.runworker import Command
+from django_tasks.management.commands.runworker import Command, skip_unheard
 from django_tasks.messages import Message, new_id
 from django_tasks.models import TaskResult
 from django_tasks.states import TaskState
@@ -75,13 +75,41 @@ def test_a_return_value_is_shown_cut_and_only_when_the_line_is_written() -> None
     assert Counted.made == 0
 
 
+def test_django_task_records_are_skipped_where_no_handler_would_write_them(
+    django_tasks_logger: logging.Logger,
+) -> None:
+    # The test settings keep Django's default logging for "django", and DEBUG is off: Django's
+    # console handler only writes with DEBUG on, and mail_admins only errors.
+    with without_pytest_handlers():
+        assert skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
+    assert not django_tasks_logger.isEnabledFor(logging.INFO)
+    assert django_tasks_logger.isEnabledFor(logging.ERROR)  # Failures are logged as before.
+
+    rejecting = Collect()
+    rejecting.addFilter(lambda record: False)
+    django_tasks_logger.setLevel(logging.NOTSET)
+    django_tasks_logger.addHandler(rejecting)
+    with without_pytest_handlers():
+        assert skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
+
+
+def test_runworker_skips_django_records_that_go_nowhere(
+    django_tasks_logger: logging.Logger,
+) -> None:
+    with without_pytest_handlers():
+        Command._configure_logging("INFO")
+    assert not django_tasks_logger.isEnabledFor(logging.INFO)
+
+
 def test_django_task_records_are_kept_where_a_handler_writes_them(
     django_tasks_logger: logging.Logger,
 ) -> None:
     collect = Collect(logging.INFO)
     django_tasks_logger.addHandler(collect)
     with without_pytest_handlers():
-        # runworker's set-up leaves them alone, and Django's receivers log each start and end.
+        assert not skip_unheard("django.tasks", logging.INFO, "Task id=%s", ("x",))
+        assert django_tasks_logger.isEnabledFor(logging.INFO)
+        # runworker's set-up keeps them too, and Django's receivers log each start and end.
         Command._configure_logging("INFO")
     assert django_tasks_logger.isEnabledFor(logging.INFO)
     row = TaskResult.build(id="logged", task_name=tasks.add.name, state="SUCCESS")
