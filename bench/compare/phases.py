@@ -25,7 +25,6 @@ from bench.compare.libraries import REDIS_URL, Library, Pool
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
-ROOT = HERE.parent.parent
 COUNTER_KEY = "bench:counter"  # peers/counter.py
 COUNTER_DB = 1
 #: How often the drain reads the counter: short, so that the first and last completions are timed
@@ -53,6 +52,7 @@ class Context:
     latency_runs: int
     logs: Path
     workdir: Path
+    dt_src: Path  # the checkout whose django_tasks is measured
     admin: redis.Redis = field(init=False)  # CONFIG RESETSTAT, INFO, FLUSHALL
     poller: redis.Redis = field(init=False)  # the counter's GETs, counted and subtracted
 
@@ -163,7 +163,8 @@ class Session:
     def _environment(self, pg_name: str | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        path = [str(PEERS)] + ([str(ROOT)] if not self.lib.peer else [])
+        # django_tasks comes from the checkout measured, ahead of the one installed in .venv.
+        path = [str(PEERS)] + ([str(self.ctx.dt_src)] if not self.lib.peer else [])
         env.update(
             PYTHONPATH=os.pathsep.join(path),
             PYTHONUNBUFFERED="1",
@@ -283,6 +284,7 @@ class Session:
         target = window or queued
         if self.ctx.counter():
             return {"status": "failed", "detail": "the counter was not reset"}
+        wal_start = services.wal_position() if self.lib.database == "postgres" else None
         self.ctx.reset_stats()
         polls = 0
         first: tuple[float, int] | None = None
@@ -305,6 +307,7 @@ class Session:
                 return problem
             time.sleep(POLL_SECONDS)
         calls = self.ctx.command_calls()
+        wal = {} if wal_start is None else {"wal_bytes_per_task": wal_bytes(wal_start, target)}
         calls["get"] = calls.get("get", 0) - polls  # ours
         calls["incr"] = calls.get("incr", 0) - count  # the task bodies', the same for all
         assert first is not None
@@ -318,6 +321,7 @@ class Session:
             "first_completion_s": first[0] - started,
             "counter_polls": polls,
             **per_task({k: v for k, v in calls.items() if v > 0}, target),
+            **wal,
         }
 
     @staticmethod
@@ -423,6 +427,14 @@ class Session:
         if bad:
             return {"status": bad[0].get("status", "failed"), "detail": bad[0].get("detail")}
         return {"status": "ok", "seconds": elapsed, "per_second": queued / elapsed}
+
+
+def wal_bytes(start: str, tasks: int) -> float:
+    """PostgreSQL WAL bytes per task since ``start``: the cost of durability per task.
+
+    The whole server's WAL: anything else writing to it at the time is counted too.
+    """
+    return services.wal_bytes_since(start) / tasks
 
 
 def tail(text: str, lines: int = 6) -> str:
