@@ -35,9 +35,6 @@ STALL_SECONDS = 60.0
 #: The worker sits idle this long after the latency run before its memory is read.
 IDLE_BEFORE_MEMORY = 3.0
 CONN_MAX_AGE = "600"
-#: redis-py single LPUSHes timed right before each one-call enqueue, as its reference (in a fresh
-#: client process, as the enqueue is; and in the harness).
-LPUSH_BESIDE = 10_000
 #: Blocks of one-call enqueues and of LPUSHes alternated in one client process (the interleaved
 #: ratio): ``ctx.tasks`` of each in all.
 INTERLEAVED_BLOCKS = 10
@@ -230,33 +227,13 @@ class Session:
     # Phases -------------------------------------------------------------------------------------
 
     def enqueue(self, bulk: bool, count: int | None = None) -> dict[str, Any]:
-        """Queue ``count`` drain tasks from one fresh client; rate, Redis commands and memory.
-
-        A one-call-per-task enqueue is also compared with redis-py's single ``LPUSH`` rate,
-        measured right before it (before the command counts are reset, so none of its commands
-        are counted): the machine's speed drifts during a run, and a reference taken at its
-        start can be minutes old. The reference runs as the enqueue does, in a fresh client
-        process of the library's virtualenv: on a 2-core virtual machine the same loop ran
-        about 1.3 times as fast in the harness (a process that has been running for a while, and
-        started the Redis server) as in fresh processes. The harness's rate is kept too.
-        """
+        """Queue ``count`` drain tasks from one fresh client; rate, Redis commands and memory."""
         count = count or self.ctx.tasks
-        beside = harness = None
-        if not bulk:
-            harness = services.redis_py_lpush(self.ctx.port, LPUSH_BESIDE)
-            reference = self.client("lpush", "--count", str(LPUSH_BESIDE))
-            beside = reference.get("per_second") if reference["status"] == "ok" else None
         memory_before = self.ctx.used_memory()
         self.ctx.reset_stats()
         options = ["--count", str(count), *(["--bulk"] if bulk else [])]
         figures = self.client("enqueue", *options, deadline=self.limits["enqueue"])
         figures.update(per_task(self.ctx.command_calls(), count))
-        if harness is not None:
-            figures["lpush_harness_per_second"] = harness
-        if beside is not None:
-            figures["lpush_beside_per_second"] = beside
-            if figures.get("status") == "ok":
-                figures["per_lpush_beside"] = figures["per_second"] / beside
         if self.lib.redis_broker:
             figures["redis_bytes_per_task"] = (self.ctx.used_memory() - memory_before) / count
         return figures
@@ -266,8 +243,10 @@ class Session:
 
         The ratio of the two rates is the enqueue's share of the one-round-trip limit, with the
         drift of the machine and the scheduler's placement of the process taken out: both
-        loops share them. Redis-backed libraries only (a database broker's enqueue is no
-        Redis round trip); what it queues is flushed before the next phase.
+        loops share them (two fresh processes, even one right after the other, ran the same
+        ``LPUSH`` loop at rates a tenth or more apart on a 2-core virtual machine). Redis-backed
+        libraries only (a database broker's enqueue is no Redis round trip); what it queues is
+        flushed before the next phase.
         """
         count = str(self.ctx.tasks)
         return self.client(

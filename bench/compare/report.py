@@ -11,7 +11,6 @@ from bench.compare.services import IDLE_SECONDS
 #: figure -> (phase, key in that phase's figures)
 FIGURES: dict[str, tuple[str, str]] = {
     "enqueue_per_s": ("enqueue", "per_second"),
-    "enqueue_per_lpush": ("enqueue", "per_lpush_beside"),
     "enqueue_per_lpush_interleaved": ("enqueue_interleaved", "per_lpush"),
     "bulk_per_s": ("enqueue_bulk", "per_second"),
     "drain_per_s": ("drain", "per_second"),
@@ -142,21 +141,11 @@ def ratio(value: Any, reference: tuple[float, str] | float | None, named: bool =
     return f"{value / ref:.2f}x" + (f" ({name})" if named and name else "")
 
 
-def lpush_ratio(median: dict[str, Any], reference: dict[str, Any]) -> str:
-    """Enqueue ÷ redis-py single LPUSH: the median of the per-run ratios to the LPUSH rate
-    measured beside each enqueue; the reference of the run's start where there is none."""
-    beside = median.get("enqueue_per_lpush")
-    if isinstance(beside, float):
-        return f"{beside:.2f}x"
-    return ratio(median["enqueue_per_s"], reference.get("redis_py_lpush_single"))
-
-
 def ratio_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
     head = [
         "django_tasks row",
         "enqueue ÷ best peer",
-        "enqueue ÷ redis-py LPUSH (timed beside it)",
-        "enqueue ÷ redis-py LPUSH (interleaved in one process)",
+        "enqueue ÷ redis-py single LPUSH (alternated in one client)",
         "bulk ÷ best peer bulk",
         "bulk ÷ pipelined LPUSH",
         "drain ÷ best peer",
@@ -173,7 +162,6 @@ def ratio_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
         m = row["median"]
         cells = [
             ratio(m["enqueue_per_s"], best(rows, "enqueue_per_s")),
-            lpush_ratio(m, reference),
             ratio(m["enqueue_per_lpush_interleaved"], 1.0),
             ratio(m["bulk_per_s"], best(rows, "bulk_per_s")),
             ratio(m["bulk_per_s"], reference.get("redis_py_lpush_pipelined")),
