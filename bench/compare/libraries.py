@@ -7,6 +7,7 @@ that runs inside a library's virtualenv (its tasks and how to call them) is unde
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from dataclasses import dataclass, field
 
@@ -74,7 +75,7 @@ DT_POOLS = (
 def _django_tasks(key: str, title: str, database: str, redis_broker: bool) -> Library:
     notes = ["results in the database (TaskResult)", "persistent connections (CONN_MAX_AGE=600)"]
     if database == "sqlite":
-        notes.append("SQLite in WAL mode, IMMEDIATE transactions (as bench/settings.py)")
+        notes.append("SQLite in WAL mode, IMMEDIATE transactions")
     return Library(
         key=key,
         family="django_tasks",
@@ -235,7 +236,16 @@ LIBRARIES: tuple[Library, ...] = (
 FAMILIES = tuple(dict.fromkeys(lib.family for lib in LIBRARIES))
 
 
+#: The rows of the fast mode: the configurations of the headline figures, process pools only.
+FAST = ("dt-redis-postgres", "dt-redis-sqlite", "dt-db-postgres", "huey")
+
+
 def select(names: list[str]) -> list[Library]:
     """The configurations named by family (``huey``) or by key (``dt-db-postgres``)."""
     chosen = [lib for lib in LIBRARIES if lib.family in names or lib.key in names]
     return chosen
+
+
+def fast() -> list[Library]:
+    """The configurations of the fast mode, each with its first (process) pool only."""
+    return [dataclasses.replace(lib, pools=lib.pools[:1]) for lib in LIBRARIES if lib.key in FAST]

@@ -25,7 +25,6 @@ from bench.compare.libraries import REDIS_URL, Library, Pool
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
-ROOT = HERE.parent.parent
 COUNTER_KEY = "bench:counter"  # peers/counter.py
 COUNTER_DB = 1
 #: How often the drain reads the counter: short, so that the first and last completions are timed
@@ -36,9 +35,6 @@ STALL_SECONDS = 60.0
 #: The worker sits idle this long after the latency run before its memory is read.
 IDLE_BEFORE_MEMORY = 3.0
 CONN_MAX_AGE = "600"
-#: redis-py single LPUSHes timed right before each one-call enqueue, as its reference (in a fresh
-#: client process, as the enqueue is; and in the harness).
-LPUSH_BESIDE = 10_000
 #: Blocks of one-call enqueues and of LPUSHes alternated in one client process (the interleaved
 #: ratio): ``ctx.tasks`` of each in all.
 INTERLEAVED_BLOCKS = 10
@@ -53,6 +49,7 @@ class Context:
     latency_runs: int
     logs: Path
     workdir: Path
+    dt_src: Path  # the checkout whose django_tasks is measured
     admin: redis.Redis = field(init=False)  # CONFIG RESETSTAT, INFO, FLUSHALL
     poller: redis.Redis = field(init=False)  # the counter's GETs, counted and subtracted
 
@@ -163,7 +160,8 @@ class Session:
     def _environment(self, pg_name: str | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        path = [str(PEERS)] + ([str(ROOT)] if not self.lib.peer else [])
+        # django_tasks comes from the checkout measured, ahead of the one installed in .venv.
+        path = [str(PEERS)] + ([str(self.ctx.dt_src)] if not self.lib.peer else [])
         env.update(
             PYTHONPATH=os.pathsep.join(path),
             PYTHONUNBUFFERED="1",
@@ -229,33 +227,13 @@ class Session:
     # Phases -------------------------------------------------------------------------------------
 
     def enqueue(self, bulk: bool, count: int | None = None) -> dict[str, Any]:
-        """Queue ``count`` drain tasks from one fresh client; rate, Redis commands and memory.
-
-        A one-call-per-task enqueue is also compared with redis-py's single ``LPUSH`` rate,
-        measured right before it (before the command counts are reset, so none of its commands
-        are counted): the machine's speed drifts during a run, and a reference taken at its
-        start can be minutes old. The reference runs as the enqueue does, in a fresh client
-        process of the library's virtualenv: on a 2-core virtual machine the same loop ran
-        about 1.3 times as fast in the harness (a process that has been running for a while, and
-        started the Redis server) as in fresh processes. The harness's rate is kept too.
-        """
+        """Queue ``count`` drain tasks from one fresh client; rate, Redis commands and memory."""
         count = count or self.ctx.tasks
-        beside = harness = None
-        if not bulk:
-            harness = services.redis_py_lpush(self.ctx.port, LPUSH_BESIDE)
-            reference = self.client("lpush", "--count", str(LPUSH_BESIDE))
-            beside = reference.get("per_second") if reference["status"] == "ok" else None
         memory_before = self.ctx.used_memory()
         self.ctx.reset_stats()
         options = ["--count", str(count), *(["--bulk"] if bulk else [])]
         figures = self.client("enqueue", *options, deadline=self.limits["enqueue"])
         figures.update(per_task(self.ctx.command_calls(), count))
-        if harness is not None:
-            figures["lpush_harness_per_second"] = harness
-        if beside is not None:
-            figures["lpush_beside_per_second"] = beside
-            if figures.get("status") == "ok":
-                figures["per_lpush_beside"] = figures["per_second"] / beside
         if self.lib.redis_broker:
             figures["redis_bytes_per_task"] = (self.ctx.used_memory() - memory_before) / count
         return figures
@@ -265,8 +243,10 @@ class Session:
 
         The ratio of the two rates is the enqueue's share of the one-round-trip limit, with the
         drift of the machine and the scheduler's placement of the process taken out: both
-        loops share them. Redis-backed libraries only (a database broker's enqueue is no
-        Redis round trip); what it queues is flushed before the next phase.
+        loops share them (two fresh processes, even one right after the other, ran the same
+        ``LPUSH`` loop at rates a tenth or more apart on a 2-core virtual machine). Redis-backed
+        libraries only (a database broker's enqueue is no Redis round trip); what it queues is
+        flushed before the next phase.
         """
         count = str(self.ctx.tasks)
         return self.client(
@@ -283,6 +263,7 @@ class Session:
         target = window or queued
         if self.ctx.counter():
             return {"status": "failed", "detail": "the counter was not reset"}
+        wal_start = services.wal_position() if self.lib.database == "postgres" else None
         self.ctx.reset_stats()
         polls = 0
         first: tuple[float, int] | None = None
@@ -305,6 +286,7 @@ class Session:
                 return problem
             time.sleep(POLL_SECONDS)
         calls = self.ctx.command_calls()
+        wal = {} if wal_start is None else {"wal_bytes_per_task": wal_bytes(wal_start, target)}
         calls["get"] = calls.get("get", 0) - polls  # ours
         calls["incr"] = calls.get("incr", 0) - count  # the task bodies', the same for all
         assert first is not None
@@ -318,6 +300,7 @@ class Session:
             "first_completion_s": first[0] - started,
             "counter_polls": polls,
             **per_task({k: v for k, v in calls.items() if v > 0}, target),
+            **wal,
         }
 
     @staticmethod
@@ -423,6 +406,14 @@ class Session:
         if bad:
             return {"status": bad[0].get("status", "failed"), "detail": bad[0].get("detail")}
         return {"status": "ok", "seconds": elapsed, "per_second": queued / elapsed}
+
+
+def wal_bytes(start: str, tasks: int) -> float:
+    """PostgreSQL WAL bytes per task since ``start``: the cost of durability per task.
+
+    The whole server's WAL: anything else writing to it at the time is counted too.
+    """
+    return services.wal_bytes_since(start) / tasks
 
 
 def tail(text: str, lines: int = 6) -> str:

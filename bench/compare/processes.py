@@ -1,9 +1,8 @@
 """The processes the comparison starts: remembered until reaped, always stopped.
 
-As bench/procs.py does for the django_tasks benchmark, but each process gets the working
-directory and graceful signal of its library: every worker is started in a session of its own,
-asked to stop with its graceful signal, and its whole process group is killed after a grace period
-(and at exit, whatever happened).
+Each process gets the working directory and graceful signal of its library: every worker is
+started in a session of its own, asked to stop with its graceful signal, and its whole process
+group is killed after a grace period (and at exit, whatever happened).
 """
 
 from __future__ import annotations

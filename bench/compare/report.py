@@ -11,7 +11,6 @@ from bench.compare.services import IDLE_SECONDS
 #: figure -> (phase, key in that phase's figures)
 FIGURES: dict[str, tuple[str, str]] = {
     "enqueue_per_s": ("enqueue", "per_second"),
-    "enqueue_per_lpush": ("enqueue", "per_lpush_beside"),
     "enqueue_per_lpush_interleaved": ("enqueue_interleaved", "per_lpush"),
     "bulk_per_s": ("enqueue_bulk", "per_second"),
     "drain_per_s": ("drain", "per_second"),
@@ -25,6 +24,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "bulk_cmds": ("enqueue_bulk", "redis_commands_per_task"),
     "drain_cmds": ("drain", "redis_commands_per_task"),
     "redis_bytes": ("enqueue", "redis_bytes_per_task"),
+    "wal_bytes": ("drain", "wal_bytes_per_task"),
+    "interleaved_per_s": ("enqueue_interleaved", "per_second"),
+    "interleaved_lpush_per_s": ("enqueue_interleaved", "lpush_per_second"),
 }
 #: Figures where less is better (the best peer is the smallest).
 LOWER_IS_BETTER = {"p50_ms", "p99_ms", "after_idle_ms", "rss_mib", "pss_mib", "drain_cmds"}
@@ -85,6 +87,7 @@ def main_table(rows: list[dict[str, Any]]) -> str:
         "idle RSS / PSS MiB",
         "Redis cmds/task enqueue / drain",
         "Redis bytes/queued task",
+        "PostgreSQL WAL bytes/drained task",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for row in rows:
@@ -102,6 +105,7 @@ def main_table(rows: list[dict[str, Any]]) -> str:
                 pair(m["rss_mib"], m["pss_mib"], 1),
                 commands(row, m),
                 number(m["redis_bytes"]) if row["redis_broker"] else "no Redis queue",
+                number(m["wal_bytes"]) if row["database"] == "postgres" else "—",
             ]
         lines.append("| " + " | ".join([row["title"], row["label"], *cells]) + " |")
     return "\n".join(lines)
@@ -137,21 +141,11 @@ def ratio(value: Any, reference: tuple[float, str] | float | None, named: bool =
     return f"{value / ref:.2f}x" + (f" ({name})" if named and name else "")
 
 
-def lpush_ratio(median: dict[str, Any], reference: dict[str, Any]) -> str:
-    """Enqueue ÷ redis-py single LPUSH: the median of the per-run ratios to the LPUSH rate
-    measured beside each enqueue; the reference of the run's start where there is none."""
-    beside = median.get("enqueue_per_lpush")
-    if isinstance(beside, float):
-        return f"{beside:.2f}x"
-    return ratio(median["enqueue_per_s"], reference.get("redis_py_lpush_single"))
-
-
 def ratio_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
     head = [
         "django_tasks row",
         "enqueue ÷ best peer",
-        "enqueue ÷ redis-py LPUSH (timed beside it)",
-        "enqueue ÷ redis-py LPUSH (interleaved in one process)",
+        "enqueue ÷ redis-py single LPUSH (alternated in one client)",
         "bulk ÷ best peer bulk",
         "bulk ÷ pipelined LPUSH",
         "drain ÷ best peer",
@@ -168,7 +162,6 @@ def ratio_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
         m = row["median"]
         cells = [
             ratio(m["enqueue_per_s"], best(rows, "enqueue_per_s")),
-            lpush_ratio(m, reference),
             ratio(m["enqueue_per_lpush_interleaved"], 1.0),
             ratio(m["bulk_per_s"], best(rows, "bulk_per_s")),
             ratio(m["bulk_per_s"], reference.get("redis_py_lpush_pipelined")),
@@ -182,6 +175,39 @@ def ratio_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
             else "—",
         ]
         lines.append("| " + " | ".join([f"{row['title']}, {row['pool']}", *cells]) + " |")
+    return "\n".join(lines)
+
+
+#: The headline figures the project guards: (what, django_tasks row, figure, reference row,
+#: figure). A reference row of None: the figure stands alone (no ratio).
+HEADLINES: tuple[tuple[str, str, str, str | None, str], ...] = (
+    ("drain/s, Redis broker, results in PostgreSQL ÷ Huey", "dt-redis-postgres/processes",
+     "drain_per_s", "huey/processes", "drain_per_s"),
+    ("drain/s, database broker on PostgreSQL ÷ Huey", "dt-db-postgres/processes",
+     "drain_per_s", "huey/processes", "drain_per_s"),
+    ("delay()/s ÷ redis-py single LPUSH/s (one client, alternated)",
+     "dt-redis-postgres/processes", "interleaved_per_s", "dt-redis-postgres/processes",
+     "interleaved_lpush_per_s"),
+    ("round trip p50 ms, results in SQLite ÷ Huey (notify_result)", "dt-redis-sqlite/processes",
+     "p50_ms", "huey/processes", "p50_ms"),
+    ("round trip p50 ms, results in PostgreSQL ÷ Huey (notify_result)",
+     "dt-redis-postgres/processes", "p50_ms", "huey/processes", "p50_ms"),
+    ("Redis commands per drained task, Redis broker", "dt-redis-postgres/processes",
+     "drain_cmds", None, ""),
+)  # fmt: skip
+
+
+def headline_table(rows: list[dict[str, Any]]) -> str:
+    """The figures the project guards, as ratios, with the process pools' rows (--fast)."""
+    by_key = {row["key"]: row["median"] for row in rows if "error" not in row}
+    lines = ["| headline | django_tasks | reference | ratio |", "|---|---:|---:|---:|"]
+    for title, ours, figure, theirs, reference_figure in HEADLINES:
+        value = by_key.get(ours, {}).get(figure)
+        ref = by_key.get(theirs, {}).get(reference_figure) if theirs else None
+        digits = 1 if figure in ("p50_ms", "drain_cmds") else 0
+        shown_ref = number(ref, digits) if ref is not None else "—"
+        shown = number(value, digits) if value is not None else "not measured"
+        lines.append(f"| {title} | {shown} | {shown_ref} | {ratio(value, ref, named=False)} |")
     return "\n".join(lines)
 
 

@@ -1,12 +1,15 @@
 """Compare django_tasks with other task queues, side by side, on this machine, in one run.
 
-    .venv/bin/python bench/compare/run.py [--quick] [--libraries huey,celery,...] [--runs 3]
+    .venv/bin/python bench/compare/run.py [--fast | --quick] [--libraries huey,celery,...]
+                                          [--runs 3] [--django-tasks-src CHECKOUT]
 
 Builds a virtualenv per peer under bench/compare/.venvs/ (if missing), starts a Redis server of its
 own on a free loopback port, then measures each library in turn (never two at once): enqueue,
-drain, round-trip latency, idle memory and Redis commands per task; plus the physical reference
-(what one Redis client can do) and, without --quick, the scale runs. Prints Markdown tables and
-writes bench/results/compare-latest.json. See bench/README.md, "Side by side with other queues".
+drain, round-trip latency, idle memory, Redis commands and PostgreSQL WAL per task; plus the
+physical reference (what one Redis client can do) and, in the full run, the scale runs. ``--fast``
+measures only the headline figures (django_tasks' three configurations and Huey, process pools).
+Prints Markdown tables, the headline ratios last, and writes bench/results/compare-latest.json.
+See bench/README.md.
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ from typing import Any
 # Run as a script, this file's directory is on sys.path, not the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from bench.bench import compile_bytecode, cpu_model, git_describe
-from bench.compare import processes, report, services
+from bench.compare import libraries, processes, report, services
 from bench.compare.libraries import FAMILIES, Library, select
-from bench.compare.phases import Context, Session
+from bench.compare.phases import PEERS, Context, Session
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -47,6 +49,20 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="2,000 tasks, 50 round trips, 1 run")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the headline figures only: django_tasks (Redis broker with results in PostgreSQL "
+        "and in SQLite, database broker on PostgreSQL) and Huey, process pools, 5,000 tasks, "
+        "3 runs (about 10 minutes)",
+    )
+    parser.add_argument(
+        "--django-tasks-src",
+        type=Path,
+        default=ROOT,
+        help="the checkout whose django_tasks is measured, put first on the PYTHONPATH of "
+        "django_tasks' processes (default: this one); for a before/after comparison",
+    )
     parser.add_argument(
         "--libraries",
         default=",".join(FAMILIES),
@@ -66,11 +82,14 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     args.runs = args.runs or (1 if args.quick else 3)
-    args.tasks = args.tasks or (2_000 if args.quick else 10_000)
+    args.tasks = args.tasks or (2_000 if args.quick else 5_000 if args.fast else 10_000)
     args.latency_runs = args.latency_runs or (50 if args.quick else 200)
-    args.scale = not (args.quick or args.no_scale)
+    args.scale = not (args.quick or args.fast or args.no_scale)
+    args.django_tasks_src = args.django_tasks_src.resolve()
+    if not (args.django_tasks_src / "django_tasks" / "__init__.py").exists():
+        parser.error(f"no django_tasks package in {args.django_tasks_src}")
     names = [n.strip() for n in args.libraries.split(",") if n.strip()]
-    args.selected = select(names)
+    args.selected = libraries.fast() if args.fast else select(names)
     if not args.selected:
         parser.error(f"no library matches {args.libraries!r}")
     return args
@@ -79,15 +98,16 @@ def parse_args() -> argparse.Namespace:
 # Machine and estimate -----------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
+def machine(dt_src: Path) -> dict[str, Any]:
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
+        "cpu_model": services.cpu_model(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "git": git_describe(),
+        "django_tasks_src": str(dt_src),
+        "git": services.git_describe(dt_src),
         "load_average_at_start": os.getloadavg(),
     }
 
@@ -206,7 +226,8 @@ def print_report(
         f"{info['date']}; {info['cpu_count']} CPUs ({info['cpu_model']}), "
         f"{info['memory_gib']} GiB; "
         f"Python {info['python']}; {info.get('redis_server', '')}; PostgreSQL "
-        f"{info.get('postgresql', '-')}; code {info['git']}; load "
+        f"{info.get('postgresql', '-')}; django_tasks {info['git']} from "
+        f"{info['django_tasks_src']}; load "
         f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])} at start, "
         f"{', '.join(f'{x:.2f}' for x in info.get('load_average_at_end', ()))} at end."
     )
@@ -234,6 +255,8 @@ def print_report(
     trouble = report.problems(rows)
     if trouble:
         print("\nWhat did not complete:\n" + "\n".join(trouble))
+    print("\n## Headline figures (process pools)\n")
+    print(report.headline_table(rows))
 
 
 def write_json(payload: dict[str, Any]) -> Path:
@@ -273,7 +296,7 @@ def main() -> int:
     LOGS_DIR.mkdir(parents=True)
     workdir = Path(tempfile.mkdtemp(prefix="compare-", dir=RESULTS_DIR))
     atexit.register(cleanup, workdir, args.selected)
-    info = machine()
+    info = machine(args.django_tasks_src)
     print(
         f"Comparing {len(args.selected)} configurations, {args.runs} run(s), {args.tasks:,} tasks, "
         f"{args.latency_runs} round trips{', with the scale runs' if args.scale else ''}: "
@@ -282,7 +305,7 @@ def main() -> int:
     )
     started = time.monotonic()
     broken_venvs = prepare_venvs(args.selected)
-    compile_bytecode()  # As pip compiled the peers' code (and their adapters' here, too).
+    services.compile_bytecode(args.django_tasks_src / "django_tasks", PEERS)
     payload: dict[str, Any] = {"machine": info, "parameters": vars_of(args), "libraries": {}}
     rows: list[dict[str, Any]] = []
     try:
@@ -314,7 +337,7 @@ def run_all(
     """The reference, then every library in turn, on one Redis server of our own."""
     info = payload["machine"]
     with services.redis_server(workdir, LOGS_DIR) as port:
-        ctx = Context(port, args.tasks, args.latency_runs, LOGS_DIR, workdir)
+        ctx = Context(port, args.tasks, args.latency_runs, LOGS_DIR, workdir, args.django_tasks_src)
         info["redis_server"] = f"Redis {ctx.admin.info('server')['redis_version']}"
         if any(lib.database for lib in args.selected):
             info["postgresql"] = services.pg_version()
@@ -342,6 +365,8 @@ def failed_library(lib: Library, reason: str) -> dict[str, Any]:
 def vars_of(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "quick": args.quick,
+        "fast": args.fast,
+        "django_tasks_src": str(args.django_tasks_src),
         "runs": args.runs,
         "tasks": args.tasks,
         "latency_runs": args.latency_runs,

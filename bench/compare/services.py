@@ -8,8 +8,10 @@ is never touched. PostgreSQL databases are named ``bench_compare_<library>`` and
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
+import platform
 import re
 import shutil
 import socket
@@ -97,6 +99,43 @@ def ensure_venvs(names: list[str], logs: Path) -> dict[str, str | None]:
         print(f"Building virtualenvs under {VENV_DIR}: {', '.join(missing)}", flush=True)
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(names, pool.map(lambda n: ensure_venv(n, logs), names), strict=True))
+
+
+# The code measured -------------------------------------------------------------------------------
+
+
+def cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def git_describe(checkout: Path) -> str:
+    """The commit of ``checkout``, and whether its work tree has changes."""
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True)
+        except OSError:
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "no commit"
+    return f"{head}{' (uncommitted changes)' if git('status', '--porcelain') else ''}"
+
+
+def compile_bytecode(*folders: Path) -> None:
+    """Write the bytecode of ``folders`` (django_tasks, the peers' adapters), as pip does.
+
+    The peers run from bytecode that pip compiled when it installed them; django_tasks runs from
+    a checkout. Where PYTHONDONTWRITEBYTECODE is set, Python caches no bytecode and every process
+    compiles each module again (a client's first ``delay()`` spent about 10 ms on it, a worker
+    kept about 1 MiB more). compileall writes the bytecode regardless of that variable.
+    """
+    for folder in folders:
+        compileall.compile_dir(folder, quiet=1)
 
 
 # Redis --------------------------------------------------------------------------------------------
@@ -187,6 +226,24 @@ def create_database(name: str) -> None:
     drop_database(name)
     with pg_connect() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def wal_position() -> str:
+    """A CHECKPOINT, then the server's WAL position: WAL written from here on can be measured.
+
+    After a checkpoint the first change of each page writes the whole page, as in production;
+    without one, the figure would depend on how recently the server checkpointed.
+    """
+    with pg_connect() as conn:
+        conn.execute("CHECKPOINT")
+        return str(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
+
+
+def wal_bytes_since(position: str) -> float:
+    """Bytes of WAL the whole server wrote since ``position`` (other databases' writes too)."""
+    with pg_connect() as conn:
+        query = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)"
+        return float(conn.execute(query, [position]).fetchone()[0])
 
 
 def pg_version() -> str:

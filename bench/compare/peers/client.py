@@ -2,7 +2,6 @@
 
     python client.py ADAPTER enqueue --count N [--bulk] --deadline S
     python client.py ADAPTER latency --runs M --deadline S
-    python client.py ADAPTER lpush --count N --deadline S
     python client.py ADAPTER interleaved --count N --blocks K --deadline S
     python client.py ADAPTER migrate | purge | versions
 
@@ -73,26 +72,6 @@ def enqueue(adapter: ModuleType, count: int, deadline: float, bulk: bool) -> dic
         "seconds": elapsed,
         "per_second": sent / elapsed if elapsed > 0 else None,
     }
-
-
-def lpush(count: int) -> dict[str, Any]:
-    """``count`` single ``LPUSH``es from one redis-py connection: the enqueue's reference.
-
-    The one-round-trip limit of a client process like the one that enqueues, in the same
-    virtualenv: the harness times this right before each one-call enqueue. It needs no set-up of
-    the library (none of its code runs here).
-    """
-    conn = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"], single_connection_client=True)
-    try:
-        conn.ping()
-        started = time.perf_counter()
-        for _ in range(count):
-            conn.lpush("bench:reference", b"x")
-        elapsed = time.perf_counter() - started
-        conn.delete("bench:reference")
-    finally:
-        conn.close()
-    return {"status": "ok", "tasks": count, "seconds": elapsed, "per_second": count / elapsed}
 
 
 def interleaved(adapter: ModuleType, count: int, blocks: int, deadline: float) -> dict[str, Any]:
@@ -214,8 +193,6 @@ def run(adapter: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     """Carry out one mode; its figures."""
     if args.mode == "versions":
         return versions(adapter)
-    if args.mode == "lpush":
-        return lpush(args.count)
     adapter.init()
     if args.mode == "migrate":
         getattr(adapter, "migrate", lambda: None)()
@@ -235,7 +212,7 @@ def run(adapter: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("adapter")
-    modes = ["enqueue", "interleaved", "latency", "lpush", "migrate", "purge", "versions"]
+    modes = ["enqueue", "interleaved", "latency", "migrate", "purge", "versions"]
     parser.add_argument("mode", choices=modes)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--bulk", action="store_true")

@@ -32,6 +32,6 @@ def enqueue_bulk(n: int) -> None:
 
 
 def round_trip(timeout: float) -> None:
-    from bench.benchapp.tasks import noop
+    from dt_site.tasks import noop
 
     noop.delay().get(timeout=timeout)

@@ -1,6 +1,0 @@
-from django.apps import AppConfig
-
-
-class BenchAppConfig(AppConfig):
-    name = "bench.benchapp"
-    label = "benchapp"
