@@ -28,7 +28,7 @@ from ..messages import Message, _encoder
 from ..models import TaskResult
 from ..registry import registry
 from ..results import ResultStore, error_entry
-from ..results.store import is_refusal
+from ..results.store import is_refusal, message_columns
 from ..signals import (
     send_robust,
     task_failure,
@@ -378,20 +378,11 @@ class Executor:
         workers = [*earlier, self.worker_id] if _strings(earlier) else [self.worker_id]
         return TaskResult.build(
             id=message.id,
-            task_name=message.task,
             state=state,
-            queue=message.queue,
-            priority=message.priority,
-            args=message.args,
-            kwargs=message.kwargs,
             worker=self.worker_id,
             worker_ids=workers,
-            retries=message.retries,
-            root_id=message.root_id or "",
-            parent_id=message.parent_id or "",
-            group_id=message.group_id or "",
-            enqueued_at=_aware(message.enqueued_at),
             started_at=self._now(),
+            **message_columns(message),
         )
 
     def _now(self) -> datetime:
@@ -535,10 +526,6 @@ _ALWAYS_JSON = (bool, str)
 
 def _ignores_result(task: DjangoTask) -> bool:
     return isinstance(task, Task) and task.ignore_result
-
-
-def _aware(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, tz=UTC)
 
 
 class Short:
