@@ -100,9 +100,9 @@ class Message:
         Every optional field defaults to 0, None or an empty container.
         """
         data: dict[str, Any] = {"v": PROTOCOL_VERSION}
-        for name, spec in _FIELDS.items():
+        for name, required in _WRITTEN:
             value = getattr(self, name)
-            if value or spec.required:
+            if value or required:
                 data[name] = value
         for name, value in self.extra.items():
             if name not in data and name not in _FIELDS:  # Never in place of a known field.
@@ -147,6 +147,8 @@ def _specs() -> dict[str, _Spec]:
 
 
 _FIELDS = _specs()
+#: to_dict()'s loop: each field's name and whether it is written at its default.
+_WRITTEN = tuple((name, spec.required) for name, spec in _FIELDS.items())
 
 
 def encode(message: Message, max_size: int | None = None) -> str:
