@@ -1,7 +1,17 @@
-"""The message envelope and its JSON codec.
+"""The message envelope, declared once as the Message dataclass, and its JSON codec.
 
-A message is what a broker carries: JSON text, never pickle. The envelope is versioned (``"v"``); a
-worker dead-letters any version it does not know instead of guessing.
+A message is what a broker carries: JSON text, never pickle. Message's fields are the envelope's
+fields; encode() and decode() read their names, types and defaults from the dataclass, so a new
+field is declared in one place.
+
+Versions: ``"v"`` is the envelope's major version, an integer (1). Within a major version the
+envelope only grows: a release may add optional fields (with a default meaning what older
+releases did), and a worker accepts messages carrying fields it does not know. It ignores them
+but keeps them (``Message.extra``), so a message it sends again, a retry, still carries them:
+producers and workers of two consecutive releases run side by side during a deploy. A change
+that an older worker would misread (a field removed, renamed, made required, or given another
+meaning or type) takes a new major version; a worker dead-letters any major version but its
+own, with the reason.
 """
 
 from __future__ import annotations
@@ -9,13 +19,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from django.tasks.base import TASK_MAX_PRIORITY, TASK_MIN_PRIORITY
 
 from .exceptions import DecodeError, EncodeError, MessageTooLarge
 
+#: The envelope's major version (see above).
 PROTOCOL_VERSION = 1
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -42,15 +54,25 @@ def new_id() -> str:
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
+#: Field metadata: a field every envelope carries, even at its default.
+_REQUIRED = {"required": True}
+#: Field metadata: an attribute of the Message that is not an envelope field (never encoded).
+_LOCAL = {"local": True}
+
+
 @dataclass(slots=True, kw_only=True)
 class Message:
-    """One request to run a task. Times are Unix timestamps (seconds, UTC)."""
+    """One request to run a task: the envelope. Times are Unix timestamps (seconds, UTC).
+
+    Each field is an envelope field of that name, of the type declared; the codec below reads
+    both from here.
+    """
 
     id: str
     task: str
-    args: list[Any] = field(default_factory=list)
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    queue: str = "default"
+    args: list[Any] = field(default_factory=list, metadata=_REQUIRED)
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata=_REQUIRED)
+    queue: str = field(default="default", metadata=_REQUIRED)
     priority: int = 0
     eta: float | None = None
     expires: float | None = None
@@ -62,46 +84,71 @@ class Message:
     errbacks: list[Any] = field(default_factory=list)
     headers: dict[str, Any] = field(default_factory=dict)
     enqueued_at: float = field(default_factory=time.time)
-    #: Not part of the envelope (never encoded): whether ``eta`` was worked out by the sender as
-    #: its own time plus a ``countdown``. A broker with a clock of its own counts that delay on
-    #: it instead, ``eta - time.time()`` from when it stores the message (see the database
-    #: broker). An ``eta`` given as a point in time stays that point.
-    eta_from_countdown: bool = field(default=False, compare=False, repr=False)
+    #: The fields of a newer release of the same major version that this one does not know:
+    #: ignored here, and written back by encode(), so a retry carries them on.
+    extra: dict[str, Any] = field(default_factory=dict, metadata=_LOCAL)
+    #: Whether ``eta`` was worked out by the sender as its own time plus a ``countdown``. A
+    #: broker with a clock of its own counts that delay on it instead, ``eta - time.time()``
+    #: from when it stores the message (see the database broker). An ``eta`` given as a point
+    #: in time stays that point.
+    eta_from_countdown: bool = field(default=False, compare=False, repr=False, metadata=_LOCAL)
 
     def to_dict(self) -> dict[str, Any]:
-        """The envelope; optional fields at their default are left out (decode() restores them).
+        """The envelope; fields at their default are left out unless required (see decode()).
 
         A short body is quicker to encode and send, and a waiting message takes less memory.
+        Every optional field defaults to 0, None or an empty container.
         """
-        data = {
-            "v": PROTOCOL_VERSION,
-            "id": self.id,
-            "task": self.task,
-            "args": self.args,
-            "kwargs": self.kwargs,
-            "queue": self.queue,
-            "enqueued_at": self.enqueued_at,
-        }
-        for name in _OPTIONAL:
+        data: dict[str, Any] = {"v": PROTOCOL_VERSION}
+        for name, required in _WRITTEN:
             value = getattr(self, name)
-            if value:  # Every optional field defaults to 0, None or an empty container.
+            if value or required:
+                data[name] = value
+        for name, value in self.extra.items():
+            if name not in data and name not in _FIELDS:  # Never in place of a known field.
                 data[name] = value
         return data
 
 
-#: The fields to_dict() leaves out when they hold their default.
-_OPTIONAL = (
-    "priority",
-    "eta",
-    "expires",
-    "retries",
-    "root_id",
-    "parent_id",
-    "group_id",
-    "callbacks",
-    "errbacks",
-    "headers",
-)
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """What decode() checks of one envelope field."""
+
+    types: tuple[type, ...]
+    required: bool
+
+
+def _types(hint: Any) -> tuple[type, ...]:
+    """The JSON values a field of type ``hint`` accepts: a float field takes an int too."""
+    if get_origin(hint) in (UnionType, Union):
+        return tuple(kind for part in get_args(hint) for kind in _types(part))
+    if hint is None or hint is type(None):
+        return (type(None),)
+    if hint is float:
+        return (int, float)
+    kind = get_origin(hint) or hint
+    if kind not in (str, int, list, dict):
+        raise TypeError(f"an envelope field cannot be of type {hint!r}")
+    return (kind,)
+
+
+def _specs() -> dict[str, _Spec]:
+    """The envelope fields, from the Message dataclass, in the order they are written."""
+    hints = get_type_hints(Message)
+    return {
+        f.name: _Spec(
+            _types(hints[f.name]),
+            f.metadata.get("required", False)
+            or (f.default is MISSING and f.default_factory is MISSING),
+        )
+        for f in fields(Message)
+        if not f.metadata.get("local")
+    }
+
+
+_FIELDS = _specs()
+#: to_dict()'s loop: each field's name and whether it is written at its default.
+_WRITTEN = tuple((name, spec.required) for name, spec in _FIELDS.items())
 
 
 def encode(message: Message, max_size: int | None = None) -> str:
@@ -130,61 +177,6 @@ def _size_checked(message: Message, body: str, max_size: int | None) -> str:
     return body
 
 
-class EnvelopeTemplate:
-    """encode() for the messages of one task sent without options, its fixed parts encoded once.
-
-    A message whose task, queue and priority are the template's, and whose other fields but
-    id, args, kwargs and enqueued_at hold their defaults, encodes to the very text encode()
-    gives (the same keys in the same order): only the arguments go through the JSON encoder,
-    and none at all when there are none. Every ``delay()`` is such a message.
-    """
-
-    __slots__ = ("_after_id", "_after_kwargs", "_tail", "max_size")
-
-    def __init__(self, task: str, queue: str, priority: int, max_size: int | None) -> None:
-        fixed = _encoder.encode
-        self._after_id = f'","task":{fixed(task)},"args":'
-        self._after_kwargs = f',"queue":{fixed(queue)},"enqueued_at":'
-        self._tail = f',"priority":{fixed(priority)}}}' if priority else "}"
-        self.max_size = max_size
-
-    def encode(self, message: Message) -> str:
-        """The JSON text of ``message``; raise EncodeError or MessageTooLarge as encode() does."""
-        try:
-            args = _encoder.encode(message.args) if message.args else "[]"
-            kwargs = _encoder.encode(message.kwargs) if message.kwargs else "{}"
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise _not_serialisable(message, exc) from exc
-        # The id is new_id()'s (hex digits and dashes) and enqueued_at a finite float, whose
-        # repr() is the JSON encoder's text for it.
-        body = (
-            f'{{"v":{PROTOCOL_VERSION},"id":"{message.id}{self._after_id}{args},"kwargs":'
-            f"{kwargs}{self._after_kwargs}{message.enqueued_at!r}{self._tail}"
-        )
-        return _size_checked(message, body, self.max_size)
-
-
-# Field name -> (accepted types, required). bool is excluded from numbers below.
-_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
-    "id": ((str,), True),
-    "task": ((str,), True),
-    "args": ((list,), True),
-    "kwargs": ((dict,), True),
-    "queue": ((str,), True),
-    "priority": ((int,), False),
-    "eta": ((int, float, type(None)), False),
-    "expires": ((int, float, type(None)), False),
-    "retries": ((int,), False),
-    "root_id": ((str, type(None)), False),
-    "parent_id": ((str, type(None)), False),
-    "group_id": ((str, type(None)), False),
-    "callbacks": ((list,), False),
-    "errbacks": ((list,), False),
-    "headers": ((dict,), False),
-    "enqueued_at": ((int, float), False),
-}
-
-
 def decode(body: str | bytes, max_size: int | None = None) -> Message:
     """Decode JSON text into a Message; raise DecodeError whose ``reason`` says what is wrong."""
     if max_size is not None and len(body) > max_size:
@@ -198,20 +190,26 @@ def decode(body: str | bytes, max_size: int | None = None) -> Message:
     if not isinstance(data, dict):
         raise DecodeError("not a JSON object")
     version = data.pop("v", None)
-    if version != PROTOCOL_VERSION:
-        raise DecodeError(f"unsupported envelope version {version!r} (expected {PROTOCOL_VERSION})")
-    for name, (types, required) in _SCHEMA.items():
-        if name not in data:
-            if required:
-                raise DecodeError(f"missing field {name!r}")
-            continue
-        value = data[name]
-        if isinstance(value, bool) or not isinstance(value, types):
+    if type(version) is not int or version != PROTOCOL_VERSION:  # Not True, nor 1.0.
+        raise DecodeError(
+            f"unsupported envelope version {version!r}: this worker reads version "
+            f"{PROTOCOL_VERSION} (a message of another major version needs a worker of a "
+            "release that reads it)"
+        )
+    known: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for name, value in data.items():
+        spec = _FIELDS.get(name)
+        if spec is None:
+            extra[name] = value
+        elif isinstance(value, bool) or not isinstance(value, spec.types):
             raise DecodeError(f"field {name!r} has the wrong type {type(value).__name__}")
-    unknown = set(data) - set(_SCHEMA)
-    if unknown:
-        raise DecodeError(f"unknown fields {sorted(unknown)}")
-    priority = data.get("priority", 0)
+        else:
+            known[name] = value
+    for name, spec in _FIELDS.items():
+        if spec.required and name not in known:
+            raise DecodeError(f"missing field {name!r}")
+    priority = known.get("priority", 0)
     if not TASK_MIN_PRIORITY <= priority <= TASK_MAX_PRIORITY:
         raise DecodeError(f"priority {priority} is out of range")
-    return Message(**data)
+    return Message(**known, extra=extra)

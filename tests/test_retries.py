@@ -103,6 +103,18 @@ def test_the_worker_schedules_retry_as_the_task_asked(
     assert_retry_due(outcome, 0, before + delay, time.time() + delay)
 
 
+@pytest.mark.django_db  # The worker reads whether the task was revoked before it retries.
+def test_a_retry_carries_on_the_fields_this_worker_does_not_know() -> None:
+    """A newer producer's fields ride along when an older worker sends the task again."""
+    extra = {"workflow": {"step": 2}, "trace": "abc"}
+    message = Message(id=new_id(), task=rt.asks_for_retry.name, kwargs={"countdown": 5},
+                      extra=extra)  # fmt: skip
+    outcome = Executor(get_backend(), "test-0").execute(Delivery("tag-1", "default", "", message))
+    assert outcome.retry is not None
+    following = outcome.retry[0]
+    assert (following.retries, following.extra) == (1, extra)
+
+
 @pytest.mark.e2e
 def test_max_retries_none_retries_until_the_task_succeeds(e2e: E2E) -> None:
     e2e.start_worker("-c", "1")

@@ -43,24 +43,37 @@ REVOKED = "revoked"
 #: The reason AsyncResult.revoke(terminate=True) stores: a running task is stopped as well.
 TERMINATED = "terminated"
 
+
+def message_columns(message: Message) -> dict[str, Any]:
+    """The TaskResult columns that come from a task's message, by column name.
+
+    The one place a message's fields are copied into a row: a field stored in both is added
+    here (and to the model).
+    """
+    return {
+        "task_name": message.task,
+        "queue": message.queue,
+        "priority": message.priority,
+        "args": message.args,
+        "kwargs": message.kwargs,
+        "retries": message.retries,
+        "root_id": message.root_id or "",
+        "parent_id": message.parent_id or "",
+        "group_id": message.group_id or "",
+        "enqueued_at": _datetime(message.enqueued_at),
+    }
+
+
+def _datetime(timestamp: float) -> datetime:
+    """A Unix time as the database wants it: aware, or naive in TIME_ZONE without USE_TZ."""
+    when = datetime.fromtimestamp(timestamp, tz=UTC)
+    return when if settings.USE_TZ else timezone.make_naive(when)
+
+
+#: The columns message_columns() fills (its keys; the app is loaded, so settings are readable).
+MESSAGE_COLUMNS = tuple(message_columns(Message(id="", task="", enqueued_at=0.0)))
 #: Columns a STARTED write may change: it must keep the errors of earlier attempts.
-STARTED_FIELDS = [
-    "state",
-    "task_name",
-    "queue",
-    "priority",
-    "args",
-    "kwargs",
-    "worker",
-    "worker_ids",
-    "retries",
-    "root_id",
-    "parent_id",
-    "group_id",
-    "enqueued_at",
-    "started_at",
-    "reason",
-]
+STARTED_FIELDS = ["state", *MESSAGE_COLUMNS, "worker", "worker_ids", "started_at", "reason"]
 FINISHED_FIELDS = [
     *STARTED_FIELDS,
     "result",
@@ -195,20 +208,10 @@ class ResultStore:
         row made for a task no worker has started. Two queries.
         """
         now = timezone.now()
+        columns = {"task_name": task_name} if message is None else message_columns(message)
         row = TaskResult(
-            id=task_id, task_name=task_name, state=TaskState.REVOKED, reason=reason, date_done=now
+            id=task_id, state=TaskState.REVOKED, reason=reason, date_done=now, **columns
         )
-        if message is not None:
-            row.task_name = message.task
-            row.queue = message.queue
-            row.priority = message.priority
-            row.args = message.args
-            row.kwargs = message.kwargs
-            row.retries = message.retries
-            row.root_id = message.root_id or ""
-            row.parent_id = message.parent_id or ""
-            row.group_id = message.group_id or ""
-            row.enqueued_at = _datetime(message.enqueued_at)
         results = TaskResult.objects.using(self.using)
         # Insert, then update: a worker that writes the row in between (STARTED) is revoked by
         # the update, instead of silently winning over the insert.
@@ -288,9 +291,10 @@ def lean_row(result: TaskResult, refusal: BaseException) -> TaskResult:
     return lean
 
 
-#: The columns a lean row keeps from the refused one (besides its id).
-_LEAN_KEPT = ("task_name", "queue", "priority", "worker", "worker_ids", "retries", "root_id",
-              "parent_id", "group_id", "enqueued_at", "started_at")  # fmt: skip
+#: The columns a lean row keeps from the refused one (besides its id): not the arguments,
+#: which may hold what was refused.
+_LEAN_KEPT = (*(c for c in MESSAGE_COLUMNS if c not in ("args", "kwargs")), "worker",
+              "worker_ids", "started_at")  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:
@@ -334,9 +338,3 @@ def rebuild_exception(exception_type: str, message: str, args: list[Any] | None)
         if str(exc) == message:
             return exc
     return TaskFailedError(exception_type, message)
-
-
-def _datetime(timestamp: float) -> datetime:
-    """A Unix time as the database wants it: aware, or naive in TIME_ZONE without USE_TZ."""
-    when = datetime.fromtimestamp(timestamp, tz=UTC)
-    return when if settings.USE_TZ else timezone.make_naive(when)

@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 from django.db import DatabaseError
@@ -28,7 +27,7 @@ from ..middleware import MiddlewareStack, TaskRun
 from ..models import TaskResult
 from ..registry import registry
 from ..results import ResultStore, error_entry
-from ..results.store import is_refusal
+from ..results.store import is_refusal, message_columns
 from ..states import TaskState
 from ..task import Request, Task, pop_request, push_request
 from .middleware import Expiry, Monitor, Retries, Revocation, Signals, TimeLimits
@@ -256,20 +255,11 @@ class Executor:
         workers = [*earlier, self.worker_id] if _strings(earlier) else [self.worker_id]
         return TaskResult.build(
             id=message.id,
-            task_name=message.task,
             state=TaskState.STARTED,
-            queue=message.queue,
-            priority=message.priority,
-            args=message.args,
-            kwargs=message.kwargs,
             worker=self.worker_id,
             worker_ids=workers,
-            retries=message.retries,
-            root_id=message.root_id or "",
-            parent_id=message.parent_id or "",
-            group_id=message.group_id or "",
-            enqueued_at=datetime.fromtimestamp(message.enqueued_at, tz=UTC),
             started_at=timezone.now(),
+            **message_columns(message),
         )
 
     def _request(self, message: Message) -> Request:
