@@ -70,7 +70,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def blocked_consumers(client: redis.Redis) -> int:
-    return sum(1 for c in client.client_list() if c.get("cmd") == "xreadgroup")
+    return sum(1 for c in client.client_list() if c.get("cmd") == "blpop")
 
 
 def sleep_until(wall_time: float) -> None:
@@ -178,7 +178,7 @@ def test_one_batch_wakes_every_blocked_consumer(
         consumer.join(10)
     got = sorted(d.message.id for c in consumers for d in c.deliveries if d.message)
     assert got == sorted(m.id for m in sent)
-    # The second consumer is woken by the first (chain wake-up), not by its 1 s XREAD cap.
+    # The second consumer is woken by the first (chain wake-up), not by its 1 s BLPOP cap.
     assert max(c.returned_at for c in consumers) - published_at < 0.5
 
 
@@ -196,19 +196,19 @@ def test_single_sends_and_batches_keep_publish_order(broker: RedisBroker) -> Non
     assert [d.tag for d in got] == [urgent.id] + [m.id for m in sent]
 
 
-def test_the_wake_up_marker_is_never_counted_and_never_piles_up(
+def test_the_wake_up_token_is_never_counted_and_never_piles_up(
     broker: RedisBroker, client: redis.Redis
 ) -> None:
     wake = broker.keys("default").wake
-    broker.publish_many([message(), message()])  # Into ready, and one marker.
+    broker.publish_many([message(), message()])  # Into ready, and one token.
     broker.publish(message())
     broker.publish(message())
     broker.publish_many([message(eta=time.time() + 60)])  # A new earliest delayed message.
-    assert client.xlen(wake) == 1
+    assert client.llen(wake) == 1
     assert client.zcard(broker.keys("default").ready) == 4
     assert broker.queue_lengths(["default"]) == {"default": 5}
     broker.ack(broker.consume(["default"], 10, timeout=1))
-    assert client.xlen(wake) == 0
+    assert client.llen(wake) == 0
     assert broker.queue_lengths(["default"]) == {"default": 1}
     assert broker.purge("default") == 1
 
@@ -374,16 +374,16 @@ def test_scripts_are_loaded_again_after_a_script_flush(
 def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
     make: Callable[..., RedisBroker], client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """XREADGROUP and the claim go out together: woken, the consumer has its message at once."""
+    """BLPOP and the claim go out together: woken, the consumer has its message at once."""
     broker = make()
-    # Connects, loads the scripts and makes the wake stream's consumer group (a first wait does).
+    # Connects and loads the scripts.
     broker.consume(["default"], 1, timeout=0.05)
     sent_by: list[str] = []
     original = AbstractConnection.send_packed_command
 
     def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
         packed = b"".join(command) if isinstance(command, list) else bytes(command)
-        if b"EVALSHA" in packed or b"XREAD" in packed:  # Not a new connection's handshake.
+        if b"EVALSHA" in packed or b"BLPOP" in packed:  # Not a new connection's handshake.
             sent_by.append(threading.current_thread().name)
         original(self, command, check_health)
 
@@ -394,7 +394,7 @@ def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
     make().publish(message())
     consumer.join(10)
     assert len(consumer.deliveries) == 1
-    assert sent_by.count(consumer.name) == 2  # The first claim, then XREADGROUP + claim.
+    assert sent_by.count(consumer.name) == 2  # The first claim, then BLPOP + claim.
 
 
 def test_a_blocked_consumer_survives_a_script_flush(
@@ -523,7 +523,7 @@ def test_one_push_wakes_one_blocked_consumer_not_all(
     make: Callable[..., RedisBroker], client: redis.Redis
 ) -> None:
     """Idle consumers are not all woken (each to claim nothing) by every single message."""
-    make().consume(["default"], 1, timeout=0.05)  # The wake stream's consumer group exists.
+    make().consume(["default"], 1, timeout=0.05)  # The scripts are loaded.
     consumers = [Consumer(make(), ["default"]) for _ in range(3)]
     for consumer in consumers:
         consumer.start()
@@ -546,14 +546,14 @@ def test_one_push_wakes_one_blocked_consumer_not_all(
     assert got == sorted(m.id for m in [sent, *later])
 
 
-def test_a_blocked_consumer_survives_its_wake_stream_being_deleted(
+def test_a_blocked_consumer_survives_its_wake_list_being_deleted(
     make: Callable[..., RedisBroker], client: redis.Redis
 ) -> None:
     broker = make()
     consumer = Consumer(broker, ["default"])
     consumer.start()
     wait_for(lambda: blocked_consumers(client) == 1)
-    client.delete(broker.keys("default").wake)  # Its consumer group goes with it.
+    client.delete(broker.keys("default").wake)  # A FLUSHDB, say.
     sent = message()
     make().publish(sent)
     consumer.join(10)

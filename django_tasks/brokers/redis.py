@@ -1,19 +1,18 @@
-"""The Redis broker: queues kept in Redis, moved by Lua scripts, consumers woken by XREADGROUP.
+"""The Redis broker: queues kept in Redis, moved by Lua scripts, consumers woken by BLPOP.
 
 The layout of the keys is described in redis_keys.py. Every operation that changes a queue is one
 Lua script touching the keys of that queue only (one hash slot), so it is atomic and costs one
-round trip; sending is the enqueue script too, the one entrance to a queue. Consumers block on
-the queue's wake stream, which never holds a message: a script that makes messages ready adds
-one wake-up marker to it, only when it is empty. Consumers read it through a consumer group
-(XREADGROUP ... NOACK), which hands each new entry to one blocked consumer only: one send wakes
-one consumer, not all of them. The claim script removes the marker and, when it leaves messages
-ready, adds a new one for the next consumer (chain wake-up).
+round trip; sending is the enqueue script too, the one entrance to a queue. Idle consumers block
+in BLPOP on the queue's wake list, which never holds a message: a script that makes messages
+ready pushes one wake-up token to it, only when it is empty. BLPOP hands the token to one blocked
+consumer only: one send wakes one consumer, not all of them. The claim script clears the list and,
+when it leaves messages ready, pushes a token again for the next consumer (chain wake-up).
 
 Lease deadlines and due times are compared with the Redis server clock (TIME), never a client's,
 so consumers on hosts with skewed clocks agree on when a lease has expired.
 
 Redis round trips are the cost model of this module: each public method makes one (consume makes
-one per queue it looks at, plus one blocking XREADGROUP when there is nothing to do). Commands go
+one per queue it looks at, plus one blocking BLPOP when there is nothing to do). Commands go
 through redis-py's public API, so its connection pool, health checks and retry apply to them.
 """
 
@@ -44,7 +43,7 @@ from .redis_keys import QueueKeys, queue_keys, results_channel
 logger = logging.getLogger("django_tasks.brokers.redis")
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
-#: The longest a consumer blocks in XREADGROUP before looking at its queues again: expired leases of
+#: The longest a consumer blocks in BLPOP before looking at its queues again: expired leases of
 #: dead workers and due delayed messages are noticed at the latest after this long.
 MAX_BLOCK = 1.0
 #: Expired leases and due delayed messages moved back to ready per queue and consume call. The
@@ -55,12 +54,6 @@ MOVE_LIMIT = 100
 PURGE_CHUNK = 5000
 #: The most messages one consume call leases (the scripts unpack() them: Lua caps that at 8000).
 CLAIM_LIMIT = 1000
-#: The consumer group through which consumers wait on a wake stream, and the one consumer name
-#: they all read as: with NOACK the group keeps no pending entries, only what it has handed out.
-WAKE_GROUP = "wake"
-WAKE_CONSUMER = "any"
-#: The errors of XREADGROUP on a wake stream without the group: none yet, or deleted while waiting.
-_NO_GROUP = ("NOGROUP", "UNBLOCKED")
 #: Seconds a revoked id is remembered, so that a delivery of it comes marked revoked (one leased
 #: at the revoke and redelivered, or one published after the revoke).
 REVOKED_KEEP = 86400
@@ -130,11 +123,10 @@ local function owned(deliveries, first)
   return held, taken
 end
 
--- Wake a blocked consumer of the queue: they wait (XREADGROUP) for a new entry of KEYS[6]. A
--- marker goes only into an empty stream, so there is never more than one; the claim script
--- removes it.
+-- Wake one blocked consumer of the queue: they wait in BLPOP on KEYS[6]. A token goes only
+-- into an empty list, so there is never more than one; the claim script clears it.
 local function wake()
-  if redis.call('XLEN', KEYS[6]) == 0 then redis.call('XADD', KEYS[6], '*', 'w', 1) end
+  if redis.call('LLEN', KEYS[6]) == 0 then redis.call('RPUSH', KEYS[6], 1) end
 end
 """
 
@@ -209,9 +201,9 @@ CLAIM_LUA = (
 --@helpers
 local count, lease_ms, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = server_ms()
--- This claim answers the wake-up marker, if any (it woke this consumer, or nobody yet): removed,
--- so that the next script to make messages ready adds a new one. Not DEL: the group stays.
-redis.call('XTRIM', KEYS[6], 'MAXLEN', 0)
+-- This claim answers the wake-up token, if one is left (nobody waited for it): cleared, so that
+-- no consumer wakes for what this one takes.
+redis.call('DEL', KEYS[6])
 
 -- Move the members of a sorted set whose score (eta or lease deadline) has passed into ready.
 local function move_due(source)
@@ -473,7 +465,7 @@ class RedisBroker(Broker):
         # The client and its scripts, made together on first use (None after close()).
         self._connection: tuple[redis.Redis, _Scripts] | None = None
         self._lease_ms = math.ceil(config.lease_seconds * 1000)
-        # An XREADGROUP must end on the server before the client's socket timeout fires, even when
+        # A BLPOP must end on the server before the client's socket timeout fires, even when
         # REDIS_OPTIONS sets a short one.
         socket_timeout = self.client_options().get("socket_timeout") or math.inf
         self._block_cap = min(MAX_BLOCK, socket_timeout / 2)
@@ -484,7 +476,7 @@ class RedisBroker(Broker):
         """The keyword arguments of ``redis.Redis.from_url()``."""
         options: dict[str, Any] = {
             "socket_connect_timeout": self.config.connect_timeout,
-            # Longer than the longest XREADGROUP by connect_timeout: a server that accepted the
+            # Longer than the longest BLPOP by connect_timeout: a server that accepted the
             # connection but stays silent fails the call about as fast as one that is down.
             "socket_timeout": self.config.connect_timeout + MAX_BLOCK,
             "health_check_interval": 30,
@@ -639,36 +631,29 @@ class RedisBroker(Broker):
     def _block_then_claim(
         self, queues: Sequence[str], count: int, seconds: float
     ) -> tuple[list[Delivery], float]:
-        """Wait up to ``seconds`` for a wake-up marker, then claim: one round trip for both on
+        """Wait up to ``seconds`` for a wake-up token, then claim: one round trip for both on
         the first queue.
 
-        XREADGROUP and the claim of the first queue go in one pipeline; Redis runs the claim as
-        soon as XREADGROUP returns (or times out), so a woken consumer has its messages without
-        asking again. The other queues, if any, are claimed after. The group hands each new
-        marker to one blocked consumer: the others sleep on. A marker that arrived while nobody
-        waited is handed to the next consumer that does, which returns at once.
+        BLPOP and the claim of the first queue go in one pipeline; Redis runs the claim as soon
+        as BLPOP returns (or times out), so a woken consumer has its messages without asking
+        again. The other queues, if any, are claimed after. BLPOP hands a token to one blocked
+        consumer: the others sleep on. A token pushed while nobody waited is taken by the next
+        consumer that does, which returns at once.
 
         The keys of several hash slots work on a single Redis; on Redis Cluster the queues one
         worker consumes must share a hash tag (see redis_keys.py).
         """
         first = queues[0]
         keys = self.keys(first)
-        streams = [self.keys(queue).wake for queue in queues]
+        wake_lists = [self.keys(queue).wake for queue in queues]
         pipe = self.client.pipeline(transaction=False)
-        # Whole milliseconds, and never 0, which would mean "block forever".
-        block = max(1, round(seconds * 1000))
-        pipe.xreadgroup(
-            WAKE_GROUP, WAKE_CONSUMER, dict.fromkeys(streams, ">"), count=1, block=block, noack=True
-        )
+        # Never 0, which would mean "block forever" (Redis counts whole milliseconds).
+        pipe.blpop(wake_lists, timeout=max(0.001, round(seconds, 3)))
         # EVALSHA, not the Script object: a pipeline of scripts asks SCRIPT EXISTS first, one
         # more round trip; NOSCRIPT is handled below.
         pipe.evalsha(self.scripts.claim.sha, len(keys), *keys, *self._claim_args(count))
         woken, reply = pipe.execute(raise_on_error=False)
-        if isinstance(woken, redis.ResponseError) and str(woken).startswith(_NO_GROUP):
-            # A new queue, or its wake stream was deleted (a flush) before or while this
-            # consumer waited: make the groups again. The claim ran all the same.
-            self._make_wake_groups(streams)
-        elif isinstance(woken, Exception):
+        if isinstance(woken, Exception):
             raise woken
         if isinstance(reply, NoScriptError):  # Redis was restarted or flushed its scripts.
             return self._claim(queues, count)
@@ -681,19 +666,6 @@ class RedisBroker(Broker):
             deliveries += more
             pause = min(pause, later)
         return deliveries, pause
-
-    def _make_wake_groups(self, streams: Sequence[str]) -> None:
-        """Create the wake group on each wake stream (and the stream, if missing) where it is
-        missing.
-
-        From the start of the stream: a marker already there wakes the next consumer that waits.
-        """
-        for stream in streams:
-            try:
-                self.client.xgroup_create(stream, WAKE_GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if not str(exc).startswith("BUSYGROUP"):  # Made meanwhile by another consumer.
-                    raise
 
     def _delivery(self, queue: str, tag: bytes, body: bytes, count: int) -> Delivery:
         """A Delivery; an undecodable body comes with its error, for the caller to dead-letter."""

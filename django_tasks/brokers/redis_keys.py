@@ -11,12 +11,10 @@ touches a single hash slot::
     dt:shop:{default}:delayed     sorted set  task id, score eta in milliseconds
     dt:shop:{default}:leases      sorted set  task id, score lease deadline in ms (server time)
     dt:shop:{default}:deliveries  hash        task id -> delivery count
-    dt:shop:{default}:wake        stream      at most one wake-up marker (field w), never a
-                                              message: added by a script that makes messages
-                                              ready, removed by the next claim; consumers
-                                              block on it with XREADGROUP through its
-                                              consumer group "wake", which hands the marker
-                                              to one of them
+    dt:shop:{default}:wake        list        at most one wake-up token, never a message:
+                                              pushed by a script that makes messages ready,
+                                              cleared by the next claim; idle consumers block
+                                              on it with BLPOP, which hands the token to one
     dt:shop:{default}:seq         string      counter giving FIFO order within a priority
     dt:shop:{default}:revoked     sorted set  revoked task ids, score the revoke time in ms
                                               (kept a day)
