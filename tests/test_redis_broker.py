@@ -15,7 +15,7 @@ from django.test import override_settings
 from redis.connection import AbstractConnection
 
 from django_tasks.brokers import Broker, Delivery, create_broker
-from django_tasks.brokers.redis import ABSORB_LIMIT, PURGE_CHUNK, RedisBroker
+from django_tasks.brokers.redis import PURGE_CHUNK, RedisBroker
 from django_tasks.conf import BackendConfig
 from django_tasks.exceptions import BrokerConnectionError
 from django_tasks.messages import Message, new_id
@@ -70,7 +70,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def blocked_consumers(client: redis.Redis) -> int:
-    return sum(1 for c in client.client_list() if c.get("cmd") == "xreadgroup")
+    return sum(1 for c in client.client_list() if c.get("cmd") == "blpop")
 
 
 def sleep_until(wall_time: float) -> None:
@@ -178,12 +178,12 @@ def test_one_batch_wakes_every_blocked_consumer(
         consumer.join(10)
     got = sorted(d.message.id for c in consumers for d in c.deliveries if d.message)
     assert got == sorted(m.id for m in sent)
-    # The second consumer is woken by the first (chain wake-up), not by its 1 s XREAD cap.
+    # The second consumer is woken by the first (chain wake-up), not by its 1 s BLPOP cap.
     assert max(c.returned_at for c in consumers) - published_at < 0.5
 
 
 def test_single_sends_and_batches_keep_publish_order(broker: RedisBroker) -> None:
-    # Single sends wait in the inbox; a batch sent meanwhile queues behind them, not ahead.
+    # Single sends and batches take the same way in: one publish order across them.
     sent = [message() for _ in range(8)]
     for each in sent[:3]:
         broker.publish(each)
@@ -196,81 +196,21 @@ def test_single_sends_and_batches_keep_publish_order(broker: RedisBroker) -> Non
     assert [d.tag for d in got] == [urgent.id] + [m.id for m in sent]
 
 
-def test_a_message_still_in_the_inbox_is_seen_by_every_operation(
+def test_the_wake_up_token_is_never_counted_and_never_piles_up(
     broker: RedisBroker, client: redis.Redis
 ) -> None:
-    sent = [message() for _ in range(4)]
-    for each in sent:
-        broker.publish(each)
-    assert client.xlen(broker.keys("default").inbox) == 4  # No worker has absorbed them yet.
-    found = broker.find(sent[0].id, QUEUES)
-    assert found is not None and found.args == sent[0].args
-    assert broker.queue_lengths(["default"]) == {"default": 4}
-    assert broker.remove(sent[1].id, QUEUES)
-    broker.publish(another := message())
-    assert broker.revoke(another.id, QUEUES)
-    assert broker.purge("default") == 3
-    assert broker.queue_lengths(["default"]) == {"default": 0}
-    assert broker.consume(["default"], 10, timeout=0) == []
-
-
-def test_the_wake_up_marker_is_never_counted_and_never_piles_up(
-    broker: RedisBroker, client: redis.Redis
-) -> None:
-    inbox = broker.keys("default").inbox
-    broker.publish_many([message(), message()])  # Straight into ready, and one marker.
-    # A marker is no message to queue behind: the next batches go straight into ready too
-    # (joining the inbox, each would wait for a claim to absorb it, ABSORB_LIMIT at a time).
-    broker.publish_many([message(), message()])
+    wake = broker.keys("default").wake
+    broker.publish_many([message(), message()])  # Into ready, and one token.
+    broker.publish(message())
+    broker.publish(message())
     broker.publish_many([message(eta=time.time() + 60)])  # A new earliest delayed message.
-    assert client.xlen(inbox) == 1
+    assert client.llen(wake) == 1
     assert client.zcard(broker.keys("default").ready) == 4
     assert broker.queue_lengths(["default"]) == {"default": 5}
     broker.ack(broker.consume(["default"], 10, timeout=1))
-    assert client.xlen(inbox) == 0
+    assert client.llen(wake) == 0
     assert broker.queue_lengths(["default"]) == {"default": 1}
     assert broker.purge("default") == 1
-
-
-def test_find_remove_and_revoke_leave_a_wake_up_for_the_messages_they_absorb(
-    broker: RedisBroker, client: redis.Redis
-) -> None:
-    # A consumer that found nothing to claim blocks on XREAD of the inbox next. When another
-    # script has meanwhile moved the inbox into ready, the inbox must not be left empty, or that
-    # consumer sleeps out its block while messages wait.
-    keys = broker.keys("default")
-    operations: list[Callable[[str], object]] = [
-        lambda task_id: broker.find(task_id, QUEUES),
-        lambda task_id: broker.remove(task_id, QUEUES),
-        lambda task_id: broker.revoke(task_id, QUEUES),
-    ]
-    for operation in operations:
-        sent = [message(), message()]
-        for each in sent:
-            broker.publish(each)
-        assert operation(sent[-1].id)
-        assert client.zcard(keys.ready) >= 1
-        assert client.xread({keys.inbox: "0-0"}, count=1, block=100), "the inbox was left empty"
-        got = broker.consume(["default"], 10, timeout=1)
-        assert sent[0].id in [d.tag for d in got]
-        broker.ack(got)
-        assert broker.consume(["default"], 10, timeout=0) == []
-
-
-def test_find_remove_and_revoke_absorb_an_inbox_longer_than_one_chunk(
-    broker: RedisBroker,
-) -> None:
-    sent = [message() for _ in range(ABSORB_LIMIT * 2 + 10)]
-    for each in sent:
-        broker.publish(each)
-    last = sent[-1]
-    found = broker.find(last.id, QUEUES)
-    assert found is not None and found.id == last.id
-    assert broker.remove(sent[-2].id, QUEUES)
-    assert broker.revoke(sent[-3].id, QUEUES)
-    assert broker.queue_lengths(["default"]) == {"default": len(sent) - 2}
-    got = broker.consume(["default"], 5, timeout=0)
-    assert [d.tag for d in got] == [m.id for m in sent[:5]]
 
 
 def test_send_to_an_unreachable_redis_fails_fast_without_the_password() -> None:
@@ -434,16 +374,16 @@ def test_scripts_are_loaded_again_after_a_script_flush(
 def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
     make: Callable[..., RedisBroker], client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """XREADGROUP and the claim go out together: woken, the consumer has its message at once."""
+    """BLPOP and the claim go out together: woken, the consumer has its message at once."""
     broker = make()
-    # Connects, loads the scripts and makes the inbox's consumer group (a first wait does).
+    # Connects and loads the scripts.
     broker.consume(["default"], 1, timeout=0.05)
     sent_by: list[str] = []
     original = AbstractConnection.send_packed_command
 
     def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
         packed = b"".join(command) if isinstance(command, list) else bytes(command)
-        if b"EVALSHA" in packed or b"XREAD" in packed:  # Not a new connection's handshake.
+        if b"EVALSHA" in packed or b"BLPOP" in packed:  # Not a new connection's handshake.
             sent_by.append(threading.current_thread().name)
         original(self, command, check_health)
 
@@ -454,7 +394,7 @@ def test_a_woken_consumer_gets_its_messages_in_the_same_round_trip(
     make().publish(message())
     consumer.join(10)
     assert len(consumer.deliveries) == 1
-    assert sent_by.count(consumer.name) == 2  # The first claim, then XREADGROUP + claim.
+    assert sent_by.count(consumer.name) == 2  # The first claim, then BLPOP + claim.
 
 
 def test_a_blocked_consumer_survives_a_script_flush(
@@ -583,7 +523,7 @@ def test_one_push_wakes_one_blocked_consumer_not_all(
     make: Callable[..., RedisBroker], client: redis.Redis
 ) -> None:
     """Idle consumers are not all woken (each to claim nothing) by every single message."""
-    make().consume(["default"], 1, timeout=0.05)  # The inbox's consumer group exists.
+    make().consume(["default"], 1, timeout=0.05)  # The scripts are loaded.
     consumers = [Consumer(make(), ["default"]) for _ in range(3)]
     for consumer in consumers:
         consumer.start()
@@ -592,9 +532,10 @@ def test_one_push_wakes_one_blocked_consumer_not_all(
     sent = message()
     make().publish(sent)
     wait_for(lambda: any(c.deliveries for c in consumers))
-    # Redis ran the claim of every consumer it woke before it answered any of them.
-    claims = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
-    assert claims == 1
+    # Redis ran the claim of every consumer it woke before it answered any of them: the
+    # send and one claim.
+    scripts = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    assert scripts == 2
     assert blocked_consumers(client) == 2
     later = [message(), message()]
     for each in later:  # One each for the consumers still waiting.
@@ -605,14 +546,14 @@ def test_one_push_wakes_one_blocked_consumer_not_all(
     assert got == sorted(m.id for m in [sent, *later])
 
 
-def test_a_blocked_consumer_survives_its_inbox_being_deleted(
+def test_a_blocked_consumer_survives_its_wake_list_being_deleted(
     make: Callable[..., RedisBroker], client: redis.Redis
 ) -> None:
     broker = make()
     consumer = Consumer(broker, ["default"])
     consumer.start()
     wait_for(lambda: blocked_consumers(client) == 1)
-    client.delete(broker.keys("default").inbox)  # Its consumer group goes with it.
+    client.delete(broker.keys("default").wake)  # A FLUSHDB, say.
     sent = message()
     make().publish(sent)
     consumer.join(10)

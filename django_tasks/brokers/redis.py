@@ -1,22 +1,19 @@
-"""The Redis broker: queues kept in Redis, moved by Lua scripts, consumers woken by XREADGROUP.
+"""The Redis broker: queues kept in Redis, moved by Lua scripts, consumers woken by BLPOP.
 
 The layout of the keys is described in redis_keys.py. Every operation that changes a queue is one
 Lua script touching the keys of that queue only (one hash slot), so it is atomic and costs one
-round trip, with one exception: a single message sent on its own (every ``delay()``) is one XADD
-to the queue's inbox stream, with no script, about a third of the server time of a script. The
-scripts that read a queue absorb the inbox first, in publish order, into the message hash and the
-ready set, so every other operation sees the queue whole. Consumers block on the inbox until it
-receives anything: a push, or the one wake-up marker a script adds when it makes messages ready by
-another way. They read it through a consumer group (XREADGROUP ... NOACK), which hands each new
-entry to one blocked consumer only: one push wakes one consumer, not all of them, and a consumer
-that leaves messages ready wakes the next (the claim script's chain wake-up). The inbox entries
-stay where they are until a script absorbs them; the group only says who was woken.
+round trip; sending is the enqueue script too, the one entrance to a queue. Idle consumers block
+in BLPOP on the queue's wake list, which never holds a message: a script that makes messages
+ready pushes one wake-up token to it, only when it is empty. BLPOP hands the token to one blocked
+consumer only: one send wakes one consumer, not all of them. The claim script clears the list and,
+when it leaves messages ready, pushes a token again for the next consumer (chain wake-up).
 
 Lease deadlines and due times are compared with the Redis server clock (TIME), never a client's,
 so consumers on hosts with skewed clocks agree on when a lease has expired.
 
 Redis round trips are the cost model of this module: each public method makes one (consume makes
-one per queue it looks at, plus one blocking XREADGROUP when there is nothing to do).
+one per queue it looks at, plus one blocking BLPOP when there is nothing to do). Commands go
+through redis-py's public API, so its connection pool, health checks and retry apply to them.
 """
 
 from __future__ import annotations
@@ -25,12 +22,9 @@ import functools
 import json
 import logging
 import math
-import os
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import redis
@@ -46,16 +40,10 @@ from .base import Broker, Delivery, Outgoing, ResultWaiter, per_process, warn_if
 from .notifications import NotificationHub, announced_ids
 from .redis_keys import QueueKeys, queue_keys, results_channel
 
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
-try:  # redis[hiredis] brings it; redis-py alone works too, a little slower.
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover
-    _hiredis_pack = None
-
 logger = logging.getLogger("django_tasks.brokers.redis")
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
-#: The longest a consumer blocks in XREADGROUP before looking at its queues again: expired leases of
+#: The longest a consumer blocks in BLPOP before looking at its queues again: expired leases of
 #: dead workers and due delayed messages are noticed at the latest after this long.
 MAX_BLOCK = 1.0
 #: Expired leases and due delayed messages moved back to ready per queue and consume call. The
@@ -66,16 +54,6 @@ MOVE_LIMIT = 100
 PURGE_CHUNK = 5000
 #: The most messages one consume call leases (the scripts unpack() them: Lua caps that at 8000).
 CLAIM_LIMIT = 1000
-#: The consumer group through which consumers wait on an inbox, and the one consumer name they
-#: all read as: with NOACK the group keeps no pending entries, only what it has handed out.
-WAKE_GROUP = "wake"
-WAKE_CONSUMER = "any"
-#: The errors of XREADGROUP on an inbox without the group: none yet, or deleted while waiting.
-_NO_GROUP = ("NOGROUP", "UNBLOCKED")
-#: Inbox entries a script absorbs into msgs and ready before it does its own work (ABSORB in
-#: the Lua helpers). A script that must see every message (find, remove, revoke) is run again
-#: until the inbox is empty; a claim takes what a chunk made ready.
-ABSORB_LIMIT = 1000
 #: Seconds a revoked id is remembered, so that a delivery of it comes marked revoked (one leased
 #: at the revoke and redelivered, or one published after the revoke).
 REVOKED_KEEP = 86400
@@ -87,7 +65,6 @@ R = TypeVar("R")
 _LUA_HELPERS = """
 local PRIORITY_STEP = 17592186044416 -- 2^44: room for 2^44 sequence numbers per priority
 local CHUNK = 2000 -- arguments per variadic call, far below Lua's unpack() limit
-local ABSORB = 1000 -- inbox entries absorbed per script (ABSORB_LIMIT in redis.py)
 
 -- The server clock in milliseconds.
 local function server_ms()
@@ -146,57 +123,16 @@ local function owned(deliveries, first)
   return held, taken
 end
 
--- Wake a blocked consumer of a queue: they wait (XREADGROUP) for a new inbox entry. A marker
--- goes only into an empty inbox, so there is never more than one, and it comes first.
-local function wake(inbox)
-  if redis.call('XLEN', inbox) == 0 then redis.call('XADD', inbox, '*', 'w', 1) end
-end
-
--- Whether the inbox holds a message, not just a wake marker (which only ever comes first).
-local function holds_messages(inbox)
-  local n = redis.call('XLEN', inbox)
-  if n ~= 1 then return n > 1 end
-  return redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)[1][2][1] ~= 'w'
-end
-
--- Move up to ABSORB inbox entries, oldest first, into msgs and ready (behind the messages
--- already ready, in publish order); a marker is dropped. Uses KEYS[1] msgs, KEYS[2] ready,
--- KEYS[6] inbox and KEYS[7] seq. Returns true when no message is left in the inbox.
--- keep_awake (any script but claim): once the inbox is emptied, a marker goes back in while
--- messages are ready, so that a consumer about to block on the inbox still wakes for them.
-local function absorb(keep_awake)
-  local entries = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', ABSORB)
-  local n = #entries
-  if n == 0 then return true end
-  local seq = redis.call('INCRBY', KEYS[7], n) - n
-  local bodies, ready, entry_ids = {}, {}, {}
-  for i, entry in ipairs(entries) do
-    entry_ids[i] = entry[1]
-    local fields = entry[2] -- id, <task id>, p, <priority>, b, <body>; a marker is w, 1
-    if fields[1] == 'id' and fields[5] == 'b' then
-      bodies[#bodies + 1] = fields[2]
-      bodies[#bodies + 1] = fields[6]
-      ready[#ready + 1] = ready_score(tonumber(fields[4]) or 0, seq + i)
-      ready[#ready + 1] = fields[2]
-    end
-  end
-  call_chunked('HSET', KEYS[1], bodies)
-  call_chunked('ZADD', KEYS[2], ready)
-  local empty = true
-  if n < ABSORB then -- that was all of it (nothing runs between two commands of a script)
-    redis.call('XTRIM', KEYS[6], 'MAXLEN', 0) -- not DEL: the consumer group stays
-  else
-    call_chunked('XDEL', KEYS[6], entry_ids)
-    empty = redis.call('XLEN', KEYS[6]) == 0
-  end
-  if empty and keep_awake and redis.call('ZCARD', KEYS[2]) > 0 then wake(KEYS[6]) end
-  return empty
+-- Wake one blocked consumer of the queue: they wait in BLPOP on KEYS[6]. A token goes only
+-- into an empty list, so there is never more than one; the claim script clears it.
+local function wake()
+  if redis.call('LLEN', KEYS[6]) == 0 then redis.call('RPUSH', KEYS[6], 1) end
 end
 """
 
 _LUA_KEYS = """\
 -- KEYS[1] msgs  KEYS[2] ready  KEYS[3] delayed  KEYS[4] leases  KEYS[5] deliveries
--- KEYS[6] inbox  KEYS[7] seq  KEYS[8] revoked  (one queue; see redis_keys.py)
+-- KEYS[6] wake  KEYS[7] seq  KEYS[8] revoked  (one queue; see redis_keys.py)
 """
 
 ENQUEUE_LUA = (
@@ -210,9 +146,6 @@ ENQUEUE_LUA = (
 -- ARGV[3..] four per message, in publish order: id, body, priority, eta in ms or ""
 -- Returns the number of messages stored: 0 when the message to replace is no longer the
 -- caller's (its lease expired and another consumer claimed it, or it is gone).
--- Ready messages go behind the pushes not absorbed yet: while the inbox holds a message they
--- join it, so that publish order holds; otherwise (empty, or only a wake marker) they go
--- straight into ready.
 --@helpers
 local drop = ARGV[1]
 if drop ~= '' then
@@ -222,9 +155,8 @@ if drop ~= '' then
   redis.call('HDEL', KEYS[1], drop)
 end
 local n = (#ARGV - 2) / 4
-local join = holds_messages(KEYS[6])
--- One INCRBY reserves a sequence number per message (gaps left by the others are harmless).
-local seq = join and 0 or redis.call('INCRBY', KEYS[7], n) - n
+-- One INCRBY reserves a sequence number per message (gaps left by delayed ones are harmless).
+local seq = redis.call('INCRBY', KEYS[7], n) - n
 local now = nil
 local bodies, ready, delayed, delayed_ids = {}, {}, {}, {}
 for i = 3, #ARGV, 4 do
@@ -237,8 +169,6 @@ for i = 3, #ARGV, 4 do
     delayed[#delayed + 1] = eta
     delayed[#delayed + 1] = id
     delayed_ids[id] = true
-  elseif join then
-    redis.call('XADD', KEYS[6], '*', 'id', id, 'p', ARGV[i + 2], 'b', ARGV[i + 1])
   else
     ready[#ready + 1] = ready_score(tonumber(ARGV[i + 2]), seq)
     ready[#ready + 1] = id
@@ -248,11 +178,11 @@ call_chunked('HSET', KEYS[1], bodies)
 call_chunked('ZADD', KEYS[2], ready)
 call_chunked('ZADD', KEYS[3], delayed)
 if #ready > 0 then
-  wake(KEYS[6])
+  wake()
 elseif #delayed > 0 then
   -- A new earliest delayed message: wake a blocked consumer so that it sleeps less.
   local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-  if delayed_ids[head] then wake(KEYS[6]) end
+  if delayed_ids[head] then wake() end
 end
 return n
 """
@@ -271,7 +201,9 @@ CLAIM_LUA = (
 --@helpers
 local count, lease_ms, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = server_ms()
-absorb()
+-- This claim answers the wake-up token, if one is left (nobody waited for it): cleared, so that
+-- no consumer wakes for what this one takes.
+redis.call('DEL', KEYS[6])
 
 -- Move the members of a sorted set whose score (eta or lease deadline) has passed into ready.
 local function move_due(source)
@@ -320,9 +252,8 @@ if #popped > 0 then
     redis.call('HSET', KEYS[5], unpack(deliveries))
   end
 end
--- Messages left ready: another idle consumer wakes for them (chain wake-up). A marker found
--- in the inbox was absorbed above, so none is left to wake anybody for nothing.
-if #popped / 2 == count and redis.call('ZCARD', KEYS[2]) > 0 then wake(KEYS[6]) end
+-- Messages left ready: another idle consumer wakes for them (chain wake-up).
+if #popped / 2 == count and redis.call('ZCARD', KEYS[2]) > 0 then wake() end
 if #result == 2 then
   local head = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
   if head[2] then result[2] = tonumber(head[2]) end
@@ -353,7 +284,7 @@ for i = 1, #ARGV, 3 do
 end
 if #entries > 0 then
   call_chunked('ZADD', KEYS[2], entries)
-  wake(KEYS[6])
+  wake()
 end
 return #entries / 2
 """
@@ -383,43 +314,27 @@ return taken
 
 PURGE_LUA = (
     """\
--- purge: delete up to ARGV[1] entries waiting in the inbox, ready or delayed; leased messages
--- are kept.
+-- purge: delete up to ARGV[1] messages ready or delayed; leased messages are kept.
 """
     + _LUA_KEYS
     + """\
--- ARGV[1] the most entries to delete
+-- ARGV[1] the most messages to delete
 -- Returns {how many messages were deleted, 1 if some may be left, else 0}.
 --@helpers
 local limit = tonumber(ARGV[1])
-local deleted, taken = 0, 0 -- messages, and entries (a wake-up marker too)
-local entries = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', limit)
-if #entries > 0 then
-  local entry_ids = {}
-  for i, entry in ipairs(entries) do
-    entry_ids[i] = entry[1]
-    if entry[2][1] == 'id' then deleted = deleted + 1 end
-  end
-  if #entries < limit then
-    redis.call('XTRIM', KEYS[6], 'MAXLEN', 0) -- not DEL: the consumer group stays
-  else
-    call_chunked('XDEL', KEYS[6], entry_ids)
-  end
-  taken = #entries
-end
+local deleted = 0
 for _, key in ipairs({KEYS[2], KEYS[3]}) do
-  if taken < limit then
-    local ids = redis.call('ZRANGE', key, 0, limit - taken - 1)
+  if deleted < limit then
+    local ids = redis.call('ZRANGE', key, 0, limit - deleted - 1)
     if #ids > 0 then
       redis.call('ZREMRANGEBYRANK', key, 0, #ids - 1)
       call_chunked('HDEL', KEYS[1], ids)
       call_chunked('HDEL', KEYS[5], ids)
       deleted = deleted + #ids
-      taken = taken + #ids
     end
   end
 end
-return {deleted, taken == limit and 1 or 0}
+return {deleted, deleted == limit and 1 or 0}
 """
 )
 
@@ -430,10 +345,8 @@ REMOVE_LUA = (
     + _LUA_KEYS
     + """\
 -- ARGV[1] the task id
--- Returns 1 if the message was deleted, 0 if it is leased or not in this queue, -1 if the
--- inbox still holds entries after a chunk was absorbed (run it again).
+-- Returns 1 if the message was deleted, 0 if it is leased or not in this queue.
 --@helpers
-if not absorb(true) then return -1 end
 local id = ARGV[1]
 if redis.call('ZSCORE', KEYS[4], id) then return 0 end
 if redis.call('ZREM', KEYS[2], id) + redis.call('ZREM', KEYS[3], id) == 0 then return 0 end
@@ -451,10 +364,8 @@ REVOKE_LUA = (
     + """\
 -- ARGV[1] the task id  ARGV[2] how long revoked ids are remembered, in ms
 -- A leased message is kept, and so is one not here yet (published later, e.g. on commit): the
--- claim script marks their deliveries revoked. Returns 1 if the message was deleted, else 0;
--- -1 if the inbox still holds entries after a chunk was absorbed (run it again).
+-- claim script marks their deliveries revoked. Returns 1 if the message was deleted, else 0.
 --@helpers
-if not absorb(true) then return -1 end
 local id, keep = ARGV[1], tonumber(ARGV[2])
 local now = server_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - keep)
@@ -492,23 +403,6 @@ return taken
 """
 )
 
-FIND_LUA = (
-    """\
--- find: the body of a message of one queue, waiting, delayed or leased.
-"""
-    + _LUA_KEYS
-    + """\
--- ARGV[1] the task id
--- Returns the body (nil if absent), or -1 if it was not found and the inbox still holds entries
--- after a chunk was absorbed (run it again).
---@helpers
-local body = redis.call('HGET', KEYS[1], ARGV[1])
-if body then return body end
-if not absorb(true) then return -1 end
-return redis.call('HGET', KEYS[1], ARGV[1])
-"""
-)
-
 
 def _lua(source: str) -> str:
     return source.replace("--@helpers\n", _LUA_HELPERS, 1)
@@ -530,7 +424,6 @@ class _Scripts:
         self.purge = client.register_script(_lua(PURGE_LUA))
         self.remove = client.register_script(_lua(REMOVE_LUA))
         self.revoke = client.register_script(_lua(REVOKE_LUA))
-        self.find = client.register_script(_lua(FIND_LUA))
         self.ack = client.register_script(_lua(ACK_LUA))
 
 
@@ -544,7 +437,6 @@ def _translate_errors(
     ) -> Callable[Concatenate[RedisBroker, P], R]:
         @functools.wraps(method)
         def wrapper(self: RedisBroker, *args: P.args, **kwargs: P.kwargs) -> R:
-            # A plain try (no context manager): this wraps every delay().
             try:
                 return method(self, *args, **kwargs)
             except redis.RedisError as exc:
@@ -572,9 +464,6 @@ class RedisBroker(Broker):
         self._lock = threading.Lock()
         # The client and its scripts, made together on first use (None after close()).
         self._connection: tuple[redis.Redis, _Scripts] | None = None
-        self._keys: dict[str, QueueKeys] = {}
-        self._local = threading.local()
-        self._own_connections: weakref.WeakSet[redis.Connection] = weakref.WeakSet()
         self._lease_ms = math.ceil(config.lease_seconds * 1000)
         # A BLPOP must end on the server before the client's socket timeout fires, even when
         # REDIS_OPTIONS sets a short one.
@@ -628,20 +517,8 @@ class RedisBroker(Broker):
             connection, self._connection = self._connection, None
         if "_notifications" in self.__dict__:
             self._notifications.close()
-        with self._lock:
-            own, self._own_connections = list(self._own_connections), weakref.WeakSet()
-            self._local = threading.local()
-        for each in own:
-            each.disconnect()
         if connection is not None:
             connection[0].close()
-
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except redis.RedisError as exc:
-            raise self._translated(exc, action) from exc
 
     def _translated(self, exc: redis.RedisError, action: str) -> BrokerError:
         """The BrokerError (or BrokerConnectionError) to raise for ``exc``."""
@@ -667,23 +544,14 @@ class RedisBroker(Broker):
 
     def keys(self, queue: str) -> QueueKeys:
         """The Redis keys of ``queue``."""
-        keys = self._keys.get(queue)
-        if keys is None:
-            keys = self._keys[queue] = queue_keys(self.config.key_prefix, queue)
-        return keys
+        return queue_keys(self.config.key_prefix, queue)
 
     # Running scripts.
 
     def _run(self, script: Script, queue: str, args: Sequence[Any]) -> Any:
-        """Run ``script`` on the keys of ``queue``: one round trip (see _call())."""
-        return self._evalsha(script.sha, _source(script), self.keys(queue), args)
-
-    def _evalsha(self, sha: str, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA on this thread's connection; EVAL (which loads it) if Redis lacks the script."""
-        try:
-            return self._call("EVALSHA", sha, len(keys), *keys, *args)
-        except NoScriptError:  # Not loaded yet (or flushed).
-            return self._call("EVAL", source, len(keys), *keys, *args)
+        """Run ``script`` on the keys of ``queue``: one EVALSHA (the script is loaded again if
+        Redis lost it)."""
+        return script(keys=self.keys(queue), args=args)
 
     def _run_per_queue(self, script: Script, calls: dict[str, list[Any]]) -> list[Any]:
         """Run ``script`` once per queue in one round trip, as one MULTI/EXEC transaction.
@@ -705,68 +573,12 @@ class RedisBroker(Broker):
     @_translate_errors("send messages")
     def send(self, batch: Sequence[Outgoing]) -> None:
         """Store the messages: one script per queue, in one round trip for the whole batch."""
-        if len(batch) == 1 and batch[0][0].eta is None:
-            self._push(*batch[0])
-            return
         calls: dict[str, list[Any]] = {}
         for message, body in batch:
             queue = calls.setdefault(message.queue, ["", ""])  # Replaces no leased message.
             queue.extend(_enqueue_args(message, body, message.eta))
         if calls:
             self._run_per_queue(self.scripts.enqueue, calls)
-
-    def _push(self, message: Message, body: str) -> None:
-        """One message ready at once: one XADD to the queue's inbox, which wakes its consumers.
-
-        The next script to read the queue moves it into msgs and ready (absorb in the Lua
-        helpers). Durable from the reply on, like any other write.
-        """
-        inbox = self.keys(message.queue).inbox
-        self._call("XADD", inbox, "*", "id", message.id, "p", message.priority, "b", body)
-
-    def _call(self, *args: Any) -> Any:
-        """One command on this thread's connection: ``client.execute_command()`` without hooks.
-
-        The push of one message is the hot path of every ``delay()``, a claim and an ack that
-        of every batch a worker runs; redis-py's per-call machinery (event hooks, the retry
-        wrapper, the pool) costs about as much as the round trip itself. The policy is the
-        client's: a dropped connection is tried once more on a new one, a timeout is not.
-        """
-        connection = self._own_connection()
-        # hiredis's packer called directly: redis-py's wrapper around it (send_command) costs
-        # about as much again as the packing.
-        packed = (
-            [_hiredis_pack(args)] if _hiredis_pack is not None else connection.pack_command(*args)
-        )
-        for attempt in range(2):
-            try:
-                connection.send_packed_command(packed)
-                return connection.read_response()
-            except redis.ResponseError:
-                raise  # An error reply: the connection is in step.
-            except redis.ConnectionError:
-                connection.disconnect()  # The next send connects again.
-                if attempt:
-                    raise
-            except BaseException:
-                connection.disconnect()  # A timeout, or interrupted mid-reply: start afresh.
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _own_connection(self) -> redis.Connection:
-        """This thread's own connection for _call(), made by the client's pool but not pooled.
-
-        Taking a pooled connection and giving it back costs more than the command (the pool
-        checks the connection for stray data with a poll() each time); a thread keeps its own.
-        """
-        local = self._local
-        connection = getattr(local, "connection", None)
-        if connection is None or local.pid != os.getpid():
-            connection = cast(redis.Connection, self.client.connection_pool.make_connection())
-            local.connection, local.pid = connection, os.getpid()
-            with self._lock:
-                self._own_connections.add(connection)
-        return cast(redis.Connection, connection)
 
     # Consuming.
 
@@ -819,37 +631,29 @@ class RedisBroker(Broker):
     def _block_then_claim(
         self, queues: Sequence[str], count: int, seconds: float
     ) -> tuple[list[Delivery], float]:
-        """Wait up to ``seconds`` for a new inbox entry, then claim: one round trip for both on
+        """Wait up to ``seconds`` for a wake-up token, then claim: one round trip for both on
         the first queue.
 
-        XREADGROUP and the claim of the first queue go in one pipeline; Redis runs the claim as
-        soon as XREADGROUP returns (or times out), so a woken consumer has its messages without
-        asking again. The other queues, if any, are claimed after. The group hands each new
-        entry to one blocked consumer: the others sleep on. An entry that arrived while nobody
-        waited is handed to the next consumer that does, which returns at once.
+        BLPOP and the claim of the first queue go in one pipeline; Redis runs the claim as soon
+        as BLPOP returns (or times out), so a woken consumer has its messages without asking
+        again. The other queues, if any, are claimed after. BLPOP hands a token to one blocked
+        consumer: the others sleep on. A token pushed while nobody waited is taken by the next
+        consumer that does, which returns at once.
 
         The keys of several hash slots work on a single Redis; on Redis Cluster the queues one
         worker consumes must share a hash tag (see redis_keys.py).
         """
         first = queues[0]
         keys = self.keys(first)
-        inboxes = [self.keys(queue).inbox for queue in queues]
+        wake_lists = [self.keys(queue).wake for queue in queues]
         pipe = self.client.pipeline(transaction=False)
-        # Whole milliseconds, and never 0, which would mean "block forever".
-        pipe.execute_command(
-            "XREADGROUP", "GROUP", WAKE_GROUP, WAKE_CONSUMER, "COUNT", 1,
-            "BLOCK", max(1, round(seconds * 1000)), "NOACK",
-            "STREAMS", *inboxes, *[">"] * len(inboxes),
-        )  # fmt: skip
-        pipe.execute_command(
-            "EVALSHA", self.scripts.claim.sha, len(keys), *keys, *self._claim_args(count)
-        )
+        # Never 0, which would mean "block forever" (Redis counts whole milliseconds).
+        pipe.blpop(wake_lists, timeout=max(0.001, round(seconds, 3)))
+        # EVALSHA, not the Script object: a pipeline of scripts asks SCRIPT EXISTS first, one
+        # more round trip; NOSCRIPT is handled below.
+        pipe.evalsha(self.scripts.claim.sha, len(keys), *keys, *self._claim_args(count))
         woken, reply = pipe.execute(raise_on_error=False)
-        if isinstance(woken, redis.ResponseError) and str(woken).startswith(_NO_GROUP):
-            # A new queue, or its inbox was deleted (a flush) before or while this consumer
-            # waited: make the groups again. The claim ran all the same.
-            self._make_wake_groups(inboxes)
-        elif isinstance(woken, Exception):
+        if isinstance(woken, Exception):
             raise woken
         if isinstance(reply, NoScriptError):  # Redis was restarted or flushed its scripts.
             return self._claim(queues, count)
@@ -862,18 +666,6 @@ class RedisBroker(Broker):
             deliveries += more
             pause = min(pause, later)
         return deliveries, pause
-
-    def _make_wake_groups(self, inboxes: Sequence[str]) -> None:
-        """Create the wake group on each inbox (and the inbox, if missing) where it is missing.
-
-        From the start of the inbox: entries already there wake the next consumer that waits.
-        """
-        for inbox in inboxes:
-            try:
-                self.client.xgroup_create(inbox, WAKE_GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if not str(exc).startswith("BUSYGROUP"):  # Made meanwhile by another consumer.
-                    raise
 
     def _delivery(self, queue: str, tag: bytes, body: bytes, count: int) -> Delivery:
         """A Delivery; an undecodable body comes with its error, for the caller to dead-letter."""
@@ -981,23 +773,15 @@ class RedisBroker(Broker):
 
     @_translate_errors("count messages")
     def queue_lengths(self, queues: Sequence[str]) -> dict[str, int]:
-        """Waiting (in the inbox or ready), delayed and leased messages per queue, in one round
-        trip."""
+        """Ready, delayed and leased messages per queue, in one round trip."""
         pipe = self.client.pipeline(transaction=False)
         for queue in queues:
             keys = self.keys(queue)
             pipe.zcard(keys.ready)
             pipe.zcard(keys.delayed)
             pipe.zcard(keys.leases)
-            pipe.xlen(keys.inbox)
-            pipe.xrange(keys.inbox, count=1)  # A wake-up marker, if any, is the first entry.
         replies = pipe.execute()
-        lengths = {}
-        for i, queue in enumerate(queues):
-            ready, delayed, leased, inbox, head = replies[5 * i : 5 * i + 5]
-            marker = bool(head) and _is_marker(head[0][1])
-            lengths[queue] = ready + delayed + leased + inbox - marker
-        return lengths
+        return {queue: sum(replies[3 * i : 3 * i + 3]) for i, queue in enumerate(queues)}
 
     @_translate_errors("purge a queue")
     def purge(self, queue: str) -> int:
@@ -1017,10 +801,12 @@ class RedisBroker(Broker):
     def find(self, task_id: str, queues: Sequence[str]) -> Message | None:
         """The waiting, delayed or leased message of ``task_id``; None if absent or unreadable.
 
-        One script per queue, all in one round trip (more while an inbox is longer than
-        ABSORB_LIMIT: its entries are absorbed first).
+        One HGET per queue, all in one round trip.
         """
-        for body in self._until_absorbed(self.scripts.find, queues, [task_id]):
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.hget(self.keys(queue).msgs, task_id)
+        for body in pipe.execute():
             if body is not None:
                 try:
                     return decode(body, self.config.max_message_size)
@@ -1028,27 +814,13 @@ class RedisBroker(Broker):
                     return None
         return None
 
-    def _until_absorbed(self, script: Script, queues: Sequence[str], args: list[Any]) -> list[Any]:
-        """Run ``script`` per queue, again for those that answer -1 (their inbox holds more).
-
-        Absorbing is the work consumers do anyway: each run moves ABSORB_LIMIT entries, many
-        times what a producer pushes in the same time, so the loop ends.
-        """
-        pending = list(dict.fromkeys(queues))
-        replies: dict[str, Any] = {}
-        while pending:
-            answers = self._run_per_queue(script, {queue: args for queue in pending})
-            replies.update(zip(pending, answers, strict=True))
-            pending = [q for q, a in zip(pending, answers, strict=True) if a == -1]
-        return [replies[queue] for queue in dict.fromkeys(queues)]
-
     @_translate_errors("remove a message")
     def remove(self, task_id: str, queues: Sequence[str]) -> bool:
         """Delete the waiting or delayed message of ``task_id``; a leased one is kept.
 
-        One script per queue, all in one round trip (see find() for long inboxes).
+        One script per queue, all in one round trip.
         """
-        replies = self._until_absorbed(self.scripts.remove, queues, [task_id])
+        replies = self._run_per_queue(self.scripts.remove, {queue: [task_id] for queue in queues})
         return any(int(removed) == 1 for removed in replies)
 
     @_translate_errors("revoke a message")
@@ -1056,9 +828,10 @@ class RedisBroker(Broker):
         """Delete the waiting message of ``task_id``, or mark its later deliveries revoked.
 
         Revoked ids are remembered for REVOKED_KEEP seconds. One script per queue, all in one
-        round trip (see find() for long inboxes).
+        round trip.
         """
-        replies = self._until_absorbed(self.scripts.revoke, queues, [task_id, REVOKED_KEEP * 1000])
+        args = [task_id, REVOKED_KEEP * 1000]
+        replies = self._run_per_queue(self.scripts.revoke, {queue: args for queue in queues})
         return any(int(removed) == 1 for removed in replies)
 
     # Result notifications.
@@ -1141,11 +914,6 @@ def _enqueue_args(
     # Rounded up: a message is never due before its eta, even by a fraction of a millisecond.
     eta_ms: int | str = "" if eta is None else math.ceil(eta * 1000)
     return message.id, body, message.priority, eta_ms
-
-
-def _is_marker(fields: dict[bytes, bytes]) -> bool:
-    """Whether the fields of an inbox entry are those of the wake-up marker (not a message)."""
-    return b"id" not in fields
 
 
 def _held_by_queue(deliveries: Iterable[Delivery]) -> dict[str, list[str | int]]:

@@ -11,11 +11,10 @@ touches a single hash slot::
     dt:shop:{default}:delayed     sorted set  task id, score eta in milliseconds
     dt:shop:{default}:leases      sorted set  task id, score lease deadline in ms (server time)
     dt:shop:{default}:deliveries  hash        task id -> delivery count
-    dt:shop:{default}:inbox       stream      messages pushed one at a time, not yet in
-                                              msgs/ready (fields id, p priority, b body), or
-                                              one wake-up marker (field w); consumers block
-                                              on it with XREADGROUP through its consumer
-                                              group "wake"
+    dt:shop:{default}:wake        list        at most one wake-up token, never a message:
+                                              pushed by a script that makes messages ready,
+                                              cleared by the next claim; idle consumers block
+                                              on it with BLPOP, which hands the token to one
     dt:shop:{default}:seq         string      counter giving FIFO order within a priority
     dt:shop:{default}:revoked     sorted set  revoked task ids, score the revoke time in ms
                                               (kept a day)
@@ -38,7 +37,7 @@ class QueueKeys(NamedTuple):
     delayed: str
     leases: str
     deliveries: str
-    inbox: str
+    wake: str
     seq: str
     revoked: str
 
