@@ -8,6 +8,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from .brokers import Broker, create_broker
 from .brokers.base import Outgoing
 from .conf import BackendConfig
 from .exceptions import EncodeError
-from .messages import Message, new_id
+from .messages import EnvelopeTemplate, Message, new_id
 from .registry import registry
 from .result import AsyncResult
 from .results.store import ResultStore
@@ -60,6 +61,8 @@ class TasksBackend(BaseTaskBackend):
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         self.params = params
+        #: id(task) -> its _Plan; the plan holds the task, so the id stays that task's.
+        self._plans: dict[int, _Plan] = {}
 
     @cached_property
     def config(self) -> BackendConfig:
@@ -113,14 +116,29 @@ class TasksBackend(BaseTaskBackend):
         **options: Any,
     ) -> list[Message]:
         """Publish one message per ``(args, kwargs)`` in ``calls``, in one round trip."""
-        messages = [self.message(task, args, kwargs, **options) for args, kwargs in calls]
-        self.publish(messages, on_commit=on_commit)
-        return messages
+        plan = None if options else self._plan(task)
+        if plan is None:
+            messages = [self.message(task, args, kwargs, **options) for args, kwargs in calls]
+            self.publish(messages, on_commit=on_commit)
+            return messages
+        batch = [plan.encoded(args, kwargs) for args, kwargs in calls]
+        self._dispatch(batch, on_commit)
+        return [message for message, _ in batch]
 
     def delay(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncResult:
-        """Task.delay(): send one call with no options and return its AsyncResult."""
+        """Task.delay(): send one call with no options and return its AsyncResult.
+
+        The same message as send() with no options, built from what the task's plan worked out
+        once (its route, queue and priority, the fixed part of its JSON): this is every
+        ``delay()``, and so the hot path of every caller.
+        """
         mark = self.broker.result_mark()  # Before sending: see Task.apply_async().
-        message = self.send(task, list(args), kwargs)
+        plan = self._plan(task)
+        if plan is None:
+            message = self.send(task, list(args), kwargs)
+        else:
+            message, body = plan.encoded(list(args), kwargs)
+            self._dispatch([(message, body)], None)
         return self.sent_result(message, mark)
 
     def sent_result(self, message: Message, mark: object | None) -> AsyncResult:
@@ -128,6 +146,22 @@ class TasksBackend(BaseTaskBackend):
         result = AsyncResult(message.id, backend=self.alias, task_name=message.task)
         result._sent = mark
         return result
+
+    def _plan(self, task: DjangoTask) -> _Plan | None:
+        """The plan of ``task``'s option-less calls; None when they need message() (run_after)."""
+        plan = self._plans.get(id(task))
+        if plan is None:
+            if task.run_after is not None:
+                return None
+            name = self.task_name(task)
+            route = self.config.routes.get(name, {})
+            queue = self._queue(route.get("queue") or task.queue_name)
+            priority = self._priority(None, route.get("priority"), task.priority)
+            template = EnvelopeTemplate(name, queue, priority, self.config.max_message_size)
+            if len(self._plans) >= MAX_PLANS:  # Tasks made per call, by using() for instance.
+                self._plans.clear()
+            plan = self._plans[id(task)] = _Plan(task, name, queue, priority, template)
+        return plan
 
     def message(
         self,
@@ -301,6 +335,33 @@ class TasksBackend(BaseTaskBackend):
                     )
                 )
         return errors
+
+
+#: Plans a backend keeps before it forgets them all and starts again.
+MAX_PLANS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What every option-less call of one task has in common on one backend."""
+
+    task: DjangoTask
+    name: str
+    queue: str
+    priority: int
+    template: EnvelopeTemplate
+
+    def encoded(self, args: list[Any], kwargs: dict[str, Any]) -> Outgoing:
+        """A new message of this call, and its JSON text."""
+        message = Message(
+            id=new_id(),
+            task=self.name,
+            args=args,
+            kwargs=kwargs,
+            queue=self.queue,
+            priority=self.priority,
+        )
+        return message, self.template.encode(message)
 
 
 #: A NUL character escaped in JSON text: "\u0000" after an even number of backslashes.

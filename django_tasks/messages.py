@@ -177,6 +177,43 @@ def _size_checked(message: Message, body: str, max_size: int | None) -> str:
     return body
 
 
+class EnvelopeTemplate:
+    """encode() for the messages of one task sent without options, its fixed parts encoded once.
+
+    The one fast path of encoding, used by the backend for ``delay()`` (TasksBackend._plan):
+    measured side by side it spends about half the Python time of message() and encode() per
+    call. A message whose task, queue and priority are the template's, whose other fields but
+    id, args, kwargs and enqueued_at hold their defaults, and which has no ``extra``, encodes to
+    the very text encode() gives (the same keys in the same order): only the arguments go
+    through the JSON encoder, and none at all when there are none. tests/test_messages.py
+    checks that it does, so a field added to Message is seen here.
+    """
+
+    __slots__ = ("_after_id", "_after_kwargs", "max_size")
+
+    def __init__(self, task: str, queue: str, priority: int, max_size: int | None) -> None:
+        fixed = _encoder.encode
+        self._after_id = f'","task":{fixed(task)},"args":'
+        optional = f',"priority":{fixed(priority)}' if priority else ""
+        self._after_kwargs = f',"queue":{fixed(queue)}{optional},"enqueued_at":'
+        self.max_size = max_size
+
+    def encode(self, message: Message) -> str:
+        """The JSON text of ``message``; raise EncodeError or MessageTooLarge as encode() does."""
+        try:
+            args = _encoder.encode(message.args) if message.args else "[]"
+            kwargs = _encoder.encode(message.kwargs) if message.kwargs else "{}"
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _not_serialisable(message, exc) from exc
+        # The id is new_id()'s (hex digits and dashes) and enqueued_at a finite float, whose
+        # repr() is the JSON encoder's text for it.
+        body = (
+            f'{{"v":{PROTOCOL_VERSION},"id":"{message.id}{self._after_id}{args},"kwargs":'
+            f"{kwargs}{self._after_kwargs}{message.enqueued_at!r}}}"
+        )
+        return _size_checked(message, body, self.max_size)
+
+
 def decode(body: str | bytes, max_size: int | None = None) -> Message:
     """Decode JSON text into a Message; raise DecodeError whose ``reason`` says what is wrong."""
     if max_size is not None and len(body) > max_size:

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from django_tasks.exceptions import DecodeError, EncodeError, MessageTooLarge
-from django_tasks.messages import PROTOCOL_VERSION, Message, decode, encode, new_id
+from django_tasks.messages import (
+    PROTOCOL_VERSION,
+    EnvelopeTemplate,
+    Message,
+    decode,
+    encode,
+    new_id,
+)
 
 
 def test_round_trip() -> None:
@@ -192,3 +199,44 @@ def test_encode_refuses_what_json_or_the_size_limit_cannot_take(
 ) -> None:
     with pytest.raises(error):
         encode(message, max_size=100)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ([], {}),
+        ([1, "é", None, 2.5, True, -7], {}),
+        ([], {"k": [1.5], "quote": '"\\', "line": "a\nb"}),
+        ([{"nested": [1, {"x": None}]}, []], {"a": {}}),
+    ],
+)
+@pytest.mark.parametrize(
+    ("task", "queue", "priority"),
+    [("a.b", "default", 0), ('odd "name"\\é', 'hi"pri', -100), ("t", "q", 7)],
+)
+def test_a_template_encodes_a_plain_call_as_encode_does(
+    args: list, kwargs: dict, task: str, queue: str, priority: int
+) -> None:
+    message = Message(
+        id=new_id(), task=task, args=args, kwargs=kwargs, queue=queue, priority=priority
+    )
+    body = EnvelopeTemplate(task, queue, priority, None).encode(message)
+    assert body == encode(message)
+    assert decode(body) == message
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        (Message(id=new_id(), task="t", args=[object()]), EncodeError),
+        (Message(id=new_id(), task="t", kwargs={"x": float("nan")}), EncodeError),
+        (Message(id=new_id(), task="t", args=["x" * 200]), MessageTooLarge),
+        (Message(id=new_id(), task="t", args=["é" * 60]), MessageTooLarge),  # 120 bytes
+    ],
+)
+def test_a_template_refuses_what_encode_refuses(message: Message, error: type) -> None:
+    with pytest.raises(error) as expected:
+        encode(message, max_size=100)
+    with pytest.raises(error) as refused:
+        EnvelopeTemplate("t", "default", 0, 100).encode(message)
+    assert str(refused.value) == str(expected.value)
