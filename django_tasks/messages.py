@@ -119,7 +119,10 @@ class _Spec:
 
 
 def _types(hint: Any) -> tuple[type, ...]:
-    """The JSON values a field of type ``hint`` accepts: a float field takes an int too."""
+    """The JSON value types a field of type ``hint`` accepts: a float field takes an int too.
+
+    Exact types (the JSON decoder makes no subclasses): an int field does not take true.
+    """
     if get_origin(hint) in (UnionType, Union):
         return tuple(kind for part in get_args(hint) for kind in _types(part))
     if hint is None or hint is type(None):
@@ -127,7 +130,7 @@ def _types(hint: Any) -> tuple[type, ...]:
     if hint is float:
         return (int, float)
     kind = get_origin(hint) or hint
-    if kind not in (str, int, list, dict):
+    if kind not in (str, int, bool, list, dict):
         raise TypeError(f"an envelope field cannot be of type {hint!r}")
     return (kind,)
 
@@ -202,7 +205,7 @@ def decode(body: str | bytes, max_size: int | None = None) -> Message:
         spec = _FIELDS.get(name)
         if spec is None:
             extra[name] = value
-        elif isinstance(value, bool) or not isinstance(value, spec.types):
+        elif type(value) not in spec.types:
             raise DecodeError(f"field {name!r} has the wrong type {type(value).__name__}")
         else:
             known[name] = value

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from django_tasks.exceptions import DecodeError, EncodeError, MessageTooLarge
-from django_tasks.messages import PROTOCOL_VERSION, Message, decode, encode, new_id
+from django_tasks.messages import (
+    PROTOCOL_VERSION,
+    Message,
+    decode,
+    encode,
+    new_id,
+)
 
 
 def test_round_trip() -> None:
