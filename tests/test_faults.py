@@ -405,7 +405,7 @@ def poison_messages() -> dict[str, tuple[Message, str, str]]:
         "envelope v2": (
             version_2,
             json.dumps({**version_2.to_dict(), "v": 2}),
-            "unsupported envelope version 2 (expected 1)",
+            "unsupported envelope version 2: this worker reads version 1",
         ),
         "10 MB": (large, encode(large), "over the limit of 1000000 bytes"),
     }
