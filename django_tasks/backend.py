@@ -132,20 +132,17 @@ class TasksBackend(BaseTaskBackend):
         once (its route, queue and priority, the fixed part of its JSON): this is every
         ``delay()``, and so the hot path of every caller.
         """
-        mark = self.broker.result_mark()  # Before sending: see Task.apply_async().
         plan = self._plan(task)
         if plan is None:
             message = self.send(task, list(args), kwargs)
         else:
             message, body = plan.encoded(list(args), kwargs)
             self._dispatch([(message, body)], None)
-        return self.sent_result(message, mark)
+        return self.sent_result(message)
 
-    def sent_result(self, message: Message, mark: object | None) -> AsyncResult:
-        """The AsyncResult of a message this process sent, with the result mark taken before."""
-        result = AsyncResult(message.id, backend=self.alias, task_name=message.task)
-        result._sent = mark
-        return result
+    def sent_result(self, message: Message) -> AsyncResult:
+        """The AsyncResult of a message this process sent."""
+        return AsyncResult(message.id, backend=self.alias, task_name=message.task)
 
     def _plan(self, task: DjangoTask) -> _Plan | None:
         """The plan of ``task``'s option-less calls; None when they need message() (run_after)."""

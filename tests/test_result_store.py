@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django_tasks import TaskState
 from django_tasks.messages import new_id
 from django_tasks.models import TaskResult
-from django_tasks.results.bulk import fetch, upsert
+from django_tasks.results.bulk import upsert
 from django_tasks.results.store import FINISHED_FIELDS, STARTED_FIELDS
 from tests.conftest import require_postgres
 
@@ -108,16 +108,6 @@ def test_build_matches_the_keyword_constructor() -> None:
     # Mutable defaults are fresh for every row.
     first, second = TaskResult.build(id="1"), TaskResult.build(id="2")
     assert first.errors == [] and first.errors is not second.errors
-
-
-def test_a_row_is_read_as_the_orm_reads_it(using: str) -> None:
-    rows = [finished_row(), finished_row(result=None, date_done=None, errors=[{"a": [1]}])]
-    upsert(using, rows, FINISHED_FIELDS)
-    for row in rows:
-        fetched = fetch(using, row.id)
-        assert fetched is not None and fetched._state.db == using and not fetched._state.adding
-        assert columns(fetched) == columns(TaskResult.objects.using(using).get(pk=row.id))
-    assert fetch(using, new_id()) is None
 
 
 @pytest.mark.django_db(databases=["default", "postgres"])

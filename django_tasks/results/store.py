@@ -19,7 +19,7 @@ from ..exceptions import ResultRefused, TaskFailedError
 from ..messages import Message
 from ..models import TaskResult
 from ..states import UNREADY_STATES, TaskState
-from .bulk import fetch, upsert, upsert_statement
+from .bulk import upsert, upsert_statement
 
 logger = logging.getLogger("django_tasks.results")
 
@@ -80,7 +80,7 @@ class ResultStore:
         return router.db_for_write(TaskResult)
 
     def get(self, task_id: str) -> TaskResult | None:
-        return fetch(router.db_for_read(TaskResult), task_id)
+        return TaskResult.objects.using(router.db_for_read(TaskResult)).filter(pk=task_id).first()
 
     def save_started(self, results: Sequence[TaskResult]) -> None:
         """Insert or update rows as STARTED, keeping what earlier attempts recorded.
