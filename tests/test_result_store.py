@@ -13,7 +13,7 @@ from django_tasks import TaskState
 from django_tasks.messages import new_id
 from django_tasks.models import TaskResult
 from django_tasks.results.bulk import upsert
-from django_tasks.results.store import FINISHED_FIELDS, STARTED_FIELDS
+from django_tasks.results.store import FINISHED_FIELDS, STARTED_FIELDS, ResultStore
 from tests.conftest import require_postgres
 
 
@@ -128,3 +128,26 @@ def test_the_tables_every_task_writes_carry_no_index_they_do_not_need() -> None:
     # The lookups that need an index still have one.
     for column, table in (("task_name", "taskresult"), ("task_id", "queuedmessage")):
         assert any(t.endswith(table) and f"({column})" in d for t, d in indexes.values()), column
+
+
+class ResultsOn:
+    """Routes TaskResult rows to one database."""
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+
+    def db_for_read(self, model: type, **hints: Any) -> str | None:
+        return self.alias if model is TaskResult else None
+
+    db_for_write = db_for_read
+
+
+def test_the_store_reads_a_row_as_the_orm_reads_it(using: str, settings: Any) -> None:
+    settings.DATABASE_ROUTERS = [ResultsOn(using)]
+    rows = [finished_row(), finished_row(result=None, date_done=None, errors=[{"a": [1]}])]
+    upsert(using, rows, FINISHED_FIELDS)
+    for row in rows:
+        read = ResultStore().get(row.id)
+        assert read is not None and read._state.db == using and not read._state.adding
+        assert columns(read) == columns(TaskResult.objects.using(using).get(pk=row.id))
+    assert ResultStore().get(new_id()) is None
