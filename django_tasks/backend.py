@@ -127,15 +127,11 @@ class TasksBackend(BaseTaskBackend):
 
     def delay(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncResult:
         """Task.delay(): send one call with no options and return its AsyncResult."""
-        mark = self.broker.result_mark()  # Before sending: see Task.apply_async().
-        message = self.send(task, list(args), kwargs)
-        return self.sent_result(message, mark)
+        return self.sent_result(self.send(task, list(args), kwargs))
 
-    def sent_result(self, message: Message, mark: object | None) -> AsyncResult:
-        """The AsyncResult of a message this process sent, with the result mark taken before."""
-        result = AsyncResult(message.id, backend=self.alias, task_name=message.task)
-        result._sent = mark
-        return result
+    def sent_result(self, message: Message) -> AsyncResult:
+        """The AsyncResult of a message this process sent."""
+        return AsyncResult(message.id, backend=self.alias, task_name=message.task)
 
     def message(
         self,

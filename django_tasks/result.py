@@ -33,8 +33,6 @@ class AsyncResult:
         self.backend_alias = backend
         self.task_name = task_name
         self._row: TaskResult | None = None
-        #: Broker.result_mark() taken before this process sent the task, or None.
-        self._sent: object | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult: {self.id}>"
@@ -126,20 +124,12 @@ class AsyncResult:
 
     def _wait(self, timeout: float | None) -> TaskResult:
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Registered before the first read: a result stored after that read is announced to it.
         with self.backend.broker.result_waiter(self.id) as waiter:
-            # A task sent by this process and not announced yet has not finished: wait first,
-            # and save a read of the store (see notifications.py).
-            unread = (
-                self._sent is not None
-                and (self._row is None or self._row.state not in READY_STATES)
-                and waiter.unannounced_since(self._sent)
-            )
             while True:
-                if not unread:
-                    row = self._fetch()
-                    if row is not None and row.state in READY_STATES:
-                        return row
-                unread = False
+                row = self._fetch()
+                if row is not None and row.state in READY_STATES:
+                    return row
                 remaining = 1.0 if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"Task {self.id} did not finish within {timeout} s.")
@@ -180,7 +170,6 @@ class AsyncResult:
             message=message,
         )
         self._row = None
-        self._sent = None
         backend.broker.revoke(self.id, queues)
         # Wake callers waiting for it: a task revoked before it ran has no worker to announce it.
         backend.broker.notify_results([self.id])

@@ -222,8 +222,6 @@ class Task[**P, R](DjangoTask):
             raise InvalidTask(f"on_commit must be True, False or None, not {on_commit!r}.")
 
         backend = self.get_backend()
-        # Before sending: the result's get() may then skip its first read of the store.
-        sent = backend.broker.result_mark() if task_id is None else None
         message = backend.send(
             self,
             args,
@@ -237,7 +235,7 @@ class Task[**P, R](DjangoTask):
             on_commit=on_commit,
             headers=headers or None,
         )
-        return backend.sent_result(message, sent)
+        return backend.sent_result(message)
 
     def delay_many(self, calls: Iterable[tuple[Any, ...] | list[Any]]) -> list[AsyncResult]:
         """Queue one call per argument tuple in ``calls``, in one round trip to the broker.
@@ -263,9 +261,8 @@ class Task[**P, R](DjangoTask):
             raise InvalidTask("apply_many() gives each call its own id: task_id is not accepted.")
         batch = [(list(args), dict(kwargs)) for args, kwargs in calls]
         backend = self.get_backend()
-        sent = backend.broker.result_mark()
         messages = backend.send_many(self, batch, on_commit=on_commit, **options)
-        return [backend.sent_result(message, sent) for message in messages]
+        return [backend.sent_result(message) for message in messages]
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         from .result import AsyncResult

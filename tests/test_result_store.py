@@ -12,9 +12,10 @@ from django.test.utils import CaptureQueriesContext
 from django_tasks import TaskState
 from django_tasks.messages import new_id
 from django_tasks.models import TaskResult
-from django_tasks.results.bulk import fetch, upsert
-from django_tasks.results.store import FINISHED_FIELDS, STARTED_FIELDS
+from django_tasks.results.bulk import upsert
+from django_tasks.results.store import FINISHED_FIELDS, STARTED_FIELDS, ResultStore
 from tests.conftest import require_postgres
+from tests.routers import ResultsOn
 
 
 def finished_row(**values: Any) -> TaskResult:
@@ -110,16 +111,6 @@ def test_build_matches_the_keyword_constructor() -> None:
     assert first.errors == [] and first.errors is not second.errors
 
 
-def test_a_row_is_read_as_the_orm_reads_it(using: str) -> None:
-    rows = [finished_row(), finished_row(result=None, date_done=None, errors=[{"a": [1]}])]
-    upsert(using, rows, FINISHED_FIELDS)
-    for row in rows:
-        fetched = fetch(using, row.id)
-        assert fetched is not None and fetched._state.db == using and not fetched._state.adding
-        assert columns(fetched) == columns(TaskResult.objects.using(using).get(pk=row.id))
-    assert fetch(using, new_id()) is None
-
-
 @pytest.mark.django_db(databases=["default", "postgres"])
 def test_the_tables_every_task_writes_carry_no_index_they_do_not_need() -> None:
     # Each index costs every task's insert. PostgreSQL's "_like" twins of text indexes serve
@@ -144,7 +135,6 @@ def test_expired_results_are_deleted_in_batches_and_unfinished_ones_kept(
     using: str, settings: Any
 ) -> None:
     from django_tasks.results import ResultStore
-    from tests.routers import ResultsOn
 
     settings.DATABASE_ROUTERS = [ResultsOn(using)]
     now = datetime.now(UTC)
@@ -161,3 +151,14 @@ def test_expired_results_are_deleted_in_batches_and_unfinished_ones_kept(
     assert store.delete_expired(timedelta(days=1), batch_size=3, max_batches=2) == 0
     left = set(TaskResult.objects.using(using).values_list("pk", flat=True))
     assert left == {recent.pk, running.pk}
+
+
+def test_the_store_reads_a_row_as_the_orm_reads_it(using: str, settings: Any) -> None:
+    settings.DATABASE_ROUTERS = [ResultsOn(using)]
+    rows = [finished_row(), finished_row(result=None, date_done=None, errors=[{"a": [1]}])]
+    upsert(using, rows, FINISHED_FIELDS)
+    for row in rows:
+        read = ResultStore().get(row.id)
+        assert read is not None and read._state.db == using and not read._state.adding
+        assert columns(read) == columns(TaskResult.objects.using(using).get(pk=row.id))
+    assert ResultStore().get(new_id()) is None

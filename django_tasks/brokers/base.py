@@ -166,13 +166,6 @@ class Broker(ABC):
         """
         return PollingWaiter()
 
-    def result_mark(self) -> object | None:
-        """Taken before sending a message, for ``ResultWaiter.unannounced_since()``; or None.
-
-        Default: None (a waiting caller reads the store before it first waits).
-        """
-        return None
-
     def close(self) -> None:  # noqa: B027
         """Release connections. The broker may be used again afterwards."""
 
@@ -185,17 +178,13 @@ class ResultWaiter:
     harmless.
     """
 
-    def wait(self, timeout: float) -> None:
-        """Block until a notification arrives or ``timeout`` seconds pass."""
-        raise NotImplementedError
+    def wait(self, timeout: float) -> bool:
+        """Block until a notification arrives or ``timeout`` seconds pass.
 
-    def unannounced_since(self, mark: object) -> bool:
-        """Whether a task sent after ``Broker.result_mark()`` gave ``mark`` is surely unannounced.
-
-        True lets the caller wait before it first reads the store: the task has not finished,
-        or its announcement is still on its way to this waiter. Default: False (not known).
+        Returns whether the caller should look again: False only when the time passed and
+        nothing was notified.
         """
-        return False
+        raise NotImplementedError
 
     def close(self) -> None:
         """Release what the waiter holds."""
@@ -213,9 +202,10 @@ class PollingWaiter(ResultWaiter):
     def __init__(self) -> None:
         self.interval = 0.005
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> bool:
         time.sleep(max(0.0, min(timeout, self.interval)))
         self.interval = min(self.interval * 1.5, 0.1)
+        return True
 
 
 def warn_if_lost(

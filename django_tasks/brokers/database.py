@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -53,12 +54,10 @@ from .base import (
     warn_if_lost,
 )
 from .database_listen import (
-    Listener,
-    SharedListener,
+    ListenSubscription,
     can_listen_with_psycopg,
     database_key,
     libpq_connect_timeout,
-    shared_listener,
 )
 from .database_sql import (
     ack_sql,
@@ -67,7 +66,7 @@ from .database_sql import (
     claim_sql,
     send_sql,
 )
-from .notifications import NotificationHub, announced_ids
+from .notifications import Hub, Waiter, announced_ids
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -111,6 +110,8 @@ class DatabaseBroker(Broker):
         self._next_lease_check = 0.0
         self._acked_since_vacuum = 0
         self._idle = _Idle()
+        #: The waiters of this broker's consumer threads (see _queue_waiter()).
+        self._queue_waiters: set[Waiter] = set()
         self._bound_connecting()
 
     # Plumbing -------------------------------------------------------------------------------
@@ -250,54 +251,65 @@ class DatabaseBroker(Broker):
     def consume(self, queues: Sequence[str], count: int, timeout: float) -> list[Delivery]:
         """Lease up to ``count`` deliveries, waiting up to ``timeout`` seconds for one.
 
-        On PostgreSQL the consumers of a process wait on one shared LISTEN connection, which
-        wakes one of them per notification (see database_listen.py). A consumer whose last claim
-        left nothing ready waits for a notification first (the LISTEN began before that claim,
-        so nothing published since goes unnoticed) instead of claiming again: a consumer back
-        from a short batch costs the database no empty claim.
+        On PostgreSQL an idle consumer sleeps until a NOTIFY of one of its queues (see
+        notifications.py: the consumers of a process share one LISTEN connection, and a
+        notification wakes all of them). Its waiter is registered before its first claim and
+        kept between calls, so nothing published after a claim goes unnoticed; a consumer whose
+        last claim left nothing ready then waits for a notification before claiming again,
+        instead of making an empty claim each time it comes back from a short batch.
         """
         if count <= 0:
             return []
         deadline = time.monotonic() + timeout
-        listener = self._queue_listener if timeout > 0 and self.can_listen else None
-        channels = frozenset(queue_channel(q) for q in queues)
         idle = self._idle
+        waiter = self._queue_waiter(queues) if timeout > 0 and self.can_listen else None
+        claim = waiter is None or not (idle.empty and time.monotonic() < idle.until)
         while True:
-            remaining = deadline - time.monotonic()
-            if listener is None or not idle.holds(queues, listener.epoch):
-                if listener is None:
-                    deliveries, idle_until = self._claim_all(queues, count)
-                else:
-                    deliveries, idle_until, epoch = self._claim_listening(
-                        listener, channels, queues, count
-                    )
-                    # Claim at least every max_wait: messages made ready without a notification
-                    # (an expired lease, a delayed one published far ahead) are seen as before.
-                    if idle_until is not None:
-                        idle_until = min(idle_until, time.monotonic() + self.max_wait)
-                    idle.set(queues, idle_until, epoch)
-                remaining = deadline - time.monotonic()
+            if claim:
+                deliveries, idle_until = self._claim_all(queues, count)
+                # Claim at least every max_wait: messages made ready without a notification
+                # (an expired lease, a delayed one published far ahead) are seen as before.
+                idle.until = time.monotonic() + self.max_wait
+                idle.empty = idle_until is not None
+                if idle_until is not None:
+                    idle.until = min(idle.until, idle_until)
                 if deliveries:
                     return deliveries
+            claim = True  # Whatever ends a wait, a claim follows.
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            self._wait(listener, channels, queues, remaining)
+            if waiter is None:
+                time.sleep(min(remaining, self.poll_interval))
+            else:
+                waiter.wait(min(remaining, max(idle.until - time.monotonic(), 0.0)))
 
-    def _claim_listening(
-        self, listener: SharedListener, channels: frozenset[str], queues: Sequence[str], count: int
-    ) -> tuple[list[Delivery], float | None, int]:
-        """_claim_all() after the listener's before_claim(); with the epoch of its connection."""
-        # LISTEN before the claim, so that nothing published after it goes unheard.
-        epoch = listener.before_claim(channels)
-        deliveries, idle_until = self._claim_all(queues, count)
-        if listener.after_claim(channels, full=len(deliveries) >= count):
-            try:
-                with self._errors("wake another consumer"):
-                    self._notify_queues(queues)
-            except BrokerConnectionError as exc:
-                # The deliveries are leased: return them. The reader claims within max_wait.
-                logger.warning("Could not wake another consumer: %s", exc)
-        return deliveries, idle_until, epoch
+    def _queue_waiter(self, queues: Sequence[str]) -> Waiter:
+        """This thread's waiter for ``queues``, kept from one consume() to the next."""
+        idle = self._idle
+        waiter = idle.waiter
+        # A waiter closed by close(), or made before a fork, is no longer registered.
+        if waiter is not None and waiter.pid == os.getpid() and waiter in self._queue_waiters:
+            if idle.queues == tuple(queues):
+                return waiter
+            waiter.close()
+            self._queue_waiters.discard(waiter)
+        channels = sorted({queue_channel(q) for q in queues})
+        waiter = self._queue_hub(channels).waiter(channels)
+        self._queue_waiters.add(waiter)
+        idle.waiter, idle.queues, idle.empty = waiter, tuple(queues), False
+        return waiter
+
+    def _queue_hub(self, channels: list[str]) -> Hub:
+        """The process's hub of these channels (the consumers of a worker share their queues)."""
+        alias, timeout = self.alias, self.config.connect_timeout
+        return per_process(
+            (*database_key("queues", alias), *channels),
+            lambda: Hub(
+                f"queue notifications of the database {alias!r}",
+                lambda: ListenSubscription(alias, timeout, channels, lambda c, _: [c]),
+            ),
+        )
 
     def _claim_all(self, queues: Sequence[str], count: int) -> tuple[list[Delivery], float | None]:
         """Lease up to ``count`` deliveries from ``queues`` in order.
@@ -457,35 +469,6 @@ class DatabaseBroker(Broker):
             revoked=revoked,
             clock_offset=clock_offset,
         )
-
-    # Waiting --------------------------------------------------------------------------------
-
-    def _wait(
-        self,
-        listener: SharedListener | None,
-        channels: frozenset[str],
-        queues: Sequence[str],
-        remaining: float,
-    ) -> None:
-        """Sleep until a notification, the next delayed message, ``max_wait`` or ``remaining``.
-
-        Whatever wakes it, the next consume() claims again.
-        """
-        if listener is None:
-            time.sleep(min(remaining, self.poll_interval))
-            return
-        timeout = min(remaining, self.max_wait)
-        idle_until = self._idle.until
-        if idle_until is not None:
-            timeout = min(timeout, max(idle_until - time.monotonic(), 0.0))
-        try:
-            listener.wait(channels, timeout)
-        finally:
-            self._idle.set(queues, None, 0)
-
-    @cached_property
-    def _queue_listener(self) -> SharedListener:
-        return shared_listener(self.alias, self.config.connect_timeout)
 
     # Ending leases --------------------------------------------------------------------------
 
@@ -681,80 +664,46 @@ class DatabaseBroker(Broker):
         """A waiter woken by notify_results() on PostgreSQL; a polling one elsewhere."""
         if not self.can_listen:
             return PollingWaiter()
-        return self._notifications.waiter(task_id)
-
-    def result_mark(self) -> object | None:
-        """The subscription's mark, once this process has one (see notifications.py)."""
-        hub = self.__dict__.get("_notifications")
-        return None if hub is None else hub.mark()
+        return self._notifications.waiter([task_id])
 
     @cached_property
-    def _notifications(self) -> NotificationHub:
-        """The process's hub for this database, whichever thread's broker made it."""
+    def _notifications(self) -> Hub:
+        """The process's hub of result notifications for this database."""
         alias, timeout = self.alias, self.config.connect_timeout
         return per_process(
             database_key("results", alias),
-            lambda: NotificationHub(
-                self.config.safe_broker_url(), lambda: ResultsSubscription(alias, timeout)
+            lambda: Hub(
+                f"result notifications of the database {alias!r}",
+                lambda: ListenSubscription(
+                    alias, timeout, [RESULTS_CHANNEL], lambda _, payload: announced_ids(payload)
+                ),
             ),
         )
 
     def close(self) -> None:
         """Close the LISTEN connections; they reopen on the next consume() or wait.
 
-        The queue listener is the process's (see database_listen.py): the other consumers of
-        the database connect again too.
+        They are the process's (see notifications.py): the other threads connect again too.
         """
-        if "_queue_listener" in self.__dict__:
-            self._queue_listener.close()
+        waiters, self._queue_waiters = self._queue_waiters, set()
+        for waiter in waiters:
+            if waiter.pid == os.getpid():
+                waiter.close()
+                waiter.hub.close()
         if "_notifications" in self.__dict__:
             self._notifications.close()
 
 
 class _Idle(threading.local):
-    """What a consumer thread's last claim said (see consume())."""
+    """A consumer thread's waiter and what its last claim said (see consume())."""
 
-    #: Set while the last claim of ``queues`` (made on the listener's connection ``epoch``)
-    #: left nothing ready: until a notification, nothing is ready before this monotonic time.
-    until: float | None = None
+    #: Registered for ``queues`` before the last claim of them.
+    waiter: Waiter | None = None
     queues: tuple[str, ...] = ()
-    epoch = 0
-
-    def holds(self, queues: Sequence[str], epoch: int) -> bool:
-        """Whether the last claim of ``queues`` left nothing ready, as far as anyone knows."""
-        until = self.until
-        return (
-            until is not None
-            and until > time.monotonic()
-            and epoch == self.epoch
-            and tuple(queues) == self.queues
-        )
-
-    def set(self, queues: Sequence[str], until: float | None, epoch: int) -> None:
-        """Note what the last claim of ``queues`` said; None: it may have left messages."""
-        self.until, self.queues, self.epoch = until, tuple(queues), epoch
-
-
-class ResultsSubscription:
-    """RESULTS_CHANNEL, listened to on a connection of its own (see notifications.py)."""
-
-    def __init__(self, alias: str, connect_timeout: float) -> None:
-        self.listener = Listener(alias, connect_timeout)
-        try:
-            self.listener.listen([RESULTS_CHANNEL])
-        except BrokerConnectionError:
-            self.listener.close()
-            raise
-
-    def read(self, timeout: float) -> list[list[str] | None]:
-        """The announcements that arrive within ``timeout``, and any already received."""
-        notified = self.listener.wait(timeout)
-        if notified:
-            notified += self.listener.wait(0)
-        return [announced_ids(payload) for _, payload in notified]
-
-    def close(self) -> None:
-        self.listener.close()
+    #: Whether the last claim said that nothing else was ready (PostgreSQL)...
+    empty = False
+    #: ...before this monotonic time, unless ``waiter`` is notified: the next claim is due then.
+    until = 0.0
 
 
 def queue_channel(queue: str) -> str:

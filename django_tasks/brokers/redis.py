@@ -39,7 +39,7 @@ from ..conf import BackendConfig
 from ..exceptions import BrokerConnectionError, BrokerError, DecodeError
 from ..messages import Message, decode, encode
 from .base import Broker, Delivery, Outgoing, ResultWaiter, per_process, warn_if_lost
-from .notifications import NotificationHub, announced_ids
+from .notifications import Hub, announced_ids
 from .redis_keys import QueueKeys, queue_keys, results_channel
 
 logger = logging.getLogger("django_tasks.brokers.redis")
@@ -893,15 +893,10 @@ class RedisBroker(Broker):
 
     def result_waiter(self, task_id: str) -> ResultWaiter:
         """A waiter woken when ``task_id`` is announced, through this process's subscription."""
-        return self._notifications.waiter(task_id)
-
-    def result_mark(self) -> object | None:
-        """The subscription's mark, once this process has one (see notifications.py)."""
-        hub = self.__dict__.get("_notifications")
-        return None if hub is None else hub.mark()
+        return self._notifications.waiter([task_id])
 
     @functools.cached_property
-    def _notifications(self) -> NotificationHub:
+    def _notifications(self) -> Hub:
         """The process's hub for this server and prefix, whichever thread's broker made it.
 
         Its subscriptions are made with that broker's client (made again if it was closed).
@@ -909,9 +904,8 @@ class RedisBroker(Broker):
         config = self.config
         options = repr(sorted(config.redis_options.items()))
         key = ("redis", config.broker_url, config.key_prefix, config.connect_timeout, options)
-        return per_process(
-            key, lambda: NotificationHub(config.safe_broker_url(), lambda: RedisSubscription(self))
-        )
+        name = f"result notifications at {config.safe_broker_url()}"
+        return per_process(key, lambda: Hub(name, lambda: RedisSubscription(self)))
 
 
 class RedisSubscription:
@@ -935,17 +929,17 @@ class RedisSubscription:
                 return
         raise redis.TimeoutError("Redis did not confirm the subscription")
 
-    def read(self, timeout: float) -> list[list[str] | None]:
-        """The announcements that arrive within ``timeout``, and any already buffered.
+    def read(self, timeout: float) -> list[str | None]:
+        """The task ids announced within ``timeout``, and any already buffered.
 
         redis-py reconnects a dropped subscription by itself; the confirmation of the new
         SUBSCRIBE reads as None: announcements may have been lost in between.
         """
-        announced: list[list[str] | None] = []
+        announced: list[str | None] = []
         reply = self._pubsub.get_message(timeout=timeout)
         while reply is not None:
             if reply["type"] == "message":
-                announced.append(announced_ids(reply["data"]))
+                announced += announced_ids(reply["data"])
             elif reply["type"] == "subscribe":
                 announced.append(None)
             reply = self._pubsub.get_message(timeout=0)

@@ -13,7 +13,6 @@ revoke racing the task) is overwritten with the columns given.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -143,45 +142,3 @@ def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return value.isoformat()
-
-
-def fetch(using: str, task_id: str) -> TaskResult | None:
-    """The row of ``task_id`` on ``using``, or None: ``filter(pk=...).first()``, compiled once.
-
-    AsyncResult.get() reads the row as soon as a worker announces it. Compiling the query (the
-    ORM does it on every call) costs more than running it; here the SQL and the converters of
-    each database are kept, and the row is made with Model.from_db(), as the ORM makes it.
-    """
-    select = _select_by_id(using)
-    with connections[using].cursor() as cursor:
-        cursor.execute(select.sql, [task_id])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    if select.converters:
-        [row] = select.compiler.apply_converters([row], select.converters)
-    return TaskResult.from_db(using, select.names, list(row))
-
-
-class _SelectById:
-    def __init__(self, using: str) -> None:
-        query = TaskResult.objects.using(using).filter(pk="").order_by().query
-        self.compiler = query.get_compiler(using)
-        sql, _params = self.compiler.as_sql()
-        self.sql = sql
-        self.names = [f.attname for f in TaskResult._meta.concrete_fields]
-        # What results_iter() works out on every call: the converters of each column.
-        columns = [selected[0] for selected in self.compiler.select[: self.compiler.col_count]]
-        self.converters = self.compiler.get_converters(columns)
-
-
-_compiled = threading.local()
-
-
-def _select_by_id(using: str) -> _SelectById:
-    """The compiled SELECT of ``using`` for this thread (its compiler holds the connection)."""
-    cache: dict[str, _SelectById] = _compiled.__dict__.setdefault("by_alias", {})
-    select = cache.get(using)
-    if select is None:
-        select = cache[using] = _SelectById(using)
-    return select
