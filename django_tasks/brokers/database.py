@@ -61,7 +61,6 @@ from .database_listen import (
     shared_listener,
 )
 from .database_sql import (
-    ack_sql,
     can_claim_in_one_statement,
     claim_params,
     claim_sql,
@@ -489,32 +488,19 @@ class DatabaseBroker(Broker):
 
     # Ending leases --------------------------------------------------------------------------
 
-    def acks_with(self, using: str) -> bool:
-        """On PostgreSQL, ack() can run a statement on this broker's database with the ack."""
-        return self.can_notify and using == self.alias
-
-    def ack(
-        self,
-        deliveries: Sequence[Delivery],
-        results: Sequence[str] = (),
-        statement: tuple[str, list[Any]] | None = None,
-    ) -> None:
+    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
         """Delete the rows these leases still own, with one DELETE; then notify ``results``.
 
-        On PostgreSQL all of it, ``statement`` first, is one statement: one commit.
+        One transaction; or part of the caller's (the worker stores the results of these
+        deliveries in the same one): both take effect on its commit, as PostgreSQL's NOTIFY
+        is transactional.
         """
-        if deliveries and (results or statement) and self.can_notify:
-            with self._errors("acknowledge messages"):
-                deleted = self._ack_and_notify(deliveries, results, statement)
-            self._warn_if_taken_over("ack", deliveries, deleted, kept=0)
-        elif statement is not None:
-            raise NotImplementedError("ack(statement=...) needs acks_with() to be true")
-        else:
+        if not deliveries and not results:
+            return
+        with transaction.atomic(using=self.alias, savepoint=False):
             if deliveries:
                 with self._errors("acknowledge messages"):
-                    # QuerySet.delete() would wrap this single statement in BEGIN ... COMMIT;
-                    # the table has no relations and no signals to honour: delete directly.
-                    deleted = self._owned(deliveries)._raw_delete(self.alias)
+                    deleted, _ = self._owned(deliveries).delete()
                 self._warn_if_taken_over("ack", deliveries, deleted, kept=0)
             self.notify_results(results)
         self._vacuum_if_due(len(deliveries))
@@ -526,10 +512,13 @@ class DatabaseBroker(Broker):
             not self.vacuum_every
             or self._acked_since_vacuum < self.vacuum_every
             or self.connection.vendor != "postgresql"
-            or self.connection.in_atomic_block  # VACUUM cannot run in a transaction.
         ):
             return
         self._acked_since_vacuum = 0
+        # VACUUM cannot run in a transaction: after the caller's commits (now, if none).
+        transaction.on_commit(self._vacuum, using=self.alias)
+
+    def _vacuum(self) -> None:
         table = self.connection.ops.quote_name(QueuedMessage._meta.db_table)
         try:
             with self.connection.cursor() as cursor:
@@ -537,24 +526,6 @@ class DatabaseBroker(Broker):
                 cursor.execute(f"VACUUM (SKIP_LOCKED) {table}")
         except DatabaseError as exc:
             logger.warning("Could not vacuum the queue table %s: %s", table, exc)
-
-    def _ack_and_notify(
-        self,
-        deliveries: Sequence[Delivery],
-        results: Sequence[str],
-        statement: tuple[str, list[Any]] | None,
-    ) -> int:
-        pks, tokens = [], []
-        for delivery in deliveries:
-            pk, token = _lease(delivery)
-            pks.append(pk)
-            tokens.append(token)
-        payloads = list(_payloads(results))
-        channels = [RESULTS_CHANNEL] * len(payloads)
-        before, params = statement if statement is not None else ("", [])
-        with self.connection.cursor() as cursor:
-            cursor.execute(ack_sql(before), [*params, pks, tokens, channels, payloads])
-            return int(cursor.fetchone()[0])
 
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
         """Turn the leased row into ``message``, ready at ``eta``, with one UPDATE.
@@ -665,8 +636,8 @@ class DatabaseBroker(Broker):
             task_id=task_id, queue__in=list(queues), leased_until__isnull=True
         )
         with self._errors("remove a message"):
-            # A single statement on a table without relations or signals: see ack().
-            return bool(waiting._raw_delete(self.alias))
+            deleted, _ = waiting.delete()
+        return bool(deleted)
 
     # Results --------------------------------------------------------------------------------
 

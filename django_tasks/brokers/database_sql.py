@@ -175,27 +175,5 @@ def send_sql() -> str:
     )
 
 
-@lru_cache(maxsize=4)
-def ack_sql(before: str = "") -> str:
-    """PostgreSQL: delete leased messages and NOTIFY result announcements, in one statement.
-
-    Parameters: those of ``before``, a statement run first in the same transaction (it must
-    take RETURNING; the results of the messages, say); the primary keys and the lease tokens
-    of the deliveries (two arrays of the same length: a row is deleted only while its lease
-    is still the delivery's); the channels and payloads to notify. Returns one row: the
-    number of messages deleted.
-    """
-    table = _quote(QueuedMessage._meta.db_table)
-    pk, token = (_quote(_column(QueuedMessage, f)) for f in ("id", "lease_token"))
-    first = f"done AS ({before} RETURNING 1), " if before else ""
-    return (
-        f"WITH {first}deleted AS (DELETE FROM {table} WHERE ({pk}, {token}) IN "  # noqa: S608
-        "(SELECT * FROM unnest(%s::bigint[], %s::text[])) RETURNING 1), "
-        "notified AS (SELECT pg_notify(n.c, n.p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)) "
-        "SELECT (SELECT count(*) FROM deleted), (SELECT count(*) FROM notified)"
-        + (", (SELECT count(*) FROM done)" if before else "")
-    )
-
-
 def _quote(name: str) -> str:
     return f'"{name}"'

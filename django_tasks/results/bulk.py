@@ -41,32 +41,17 @@ def upsert(using: str, results: Sequence[TaskResult], fields: Sequence[str]) -> 
     rows = list({result.pk: result for result in results}.values())
     if not rows:
         return
-    statement = upsert_statement(using, rows, fields)
+    statement = _statement(connections[using].vendor, using, tuple(fields))
     if statement is None:
         TaskResult.objects.using(using).bulk_create(
             rows, update_conflicts=True, unique_fields=["id"], update_fields=list(fields)
         )
         return
-    with connections[using].cursor() as cursor:
-        cursor.execute(*statement)
-
-
-def upsert_statement(
-    using: str, results: Sequence[TaskResult], fields: Sequence[str]
-) -> tuple[str, list[str]] | None:
-    """The SQL and parameters upsert() runs, or None on a database without them.
-
-    A database broker on the same database runs it in the statement that acknowledges the
-    messages (DatabaseBroker.ack), so results and acks commit together.
-    """
-    rows = list({result.pk: result for result in results}.values())
-    statement = _statement(connections[using].vendor, using, tuple(fields))
-    if statement is None or not rows:
-        return None
     sql, columns = statement
     document = _json.encode([{name: convert(getattr(row, attname)) for name, attname, convert
                               in columns} for row in rows])  # fmt: skip
-    return sql, [document]
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, [document])
 
 
 @lru_cache(maxsize=32)

@@ -19,7 +19,7 @@ from ..exceptions import ResultRefused, TaskFailedError
 from ..messages import Message
 from ..models import TaskResult
 from ..states import UNREADY_STATES, TaskState
-from .bulk import fetch, upsert, upsert_statement
+from .bulk import fetch, upsert
 
 logger = logging.getLogger("django_tasks.results")
 
@@ -136,15 +136,6 @@ class ResultStore:
                              "%s", result.task_name, result.id, _one_line(exc))  # fmt: skip
                 unstored.append(result)
         return unstored
-
-    def finished_statement(self, results: Sequence[TaskResult]) -> tuple[str, list[str]] | None:
-        """What save_finished() would run, as one SQL statement and its parameters, or None.
-
-        For a database broker on the same database, which runs it with its ack (see
-        Broker.ack).
-        """
-        self._add_earlier_errors(results)
-        return upsert_statement(self.using, results, FINISHED_FIELDS)
 
     def _add_earlier_errors(self, results: Sequence[TaskResult]) -> None:
         """Put the errors of earlier attempts before those of this one (one query, if any)."""
