@@ -30,6 +30,7 @@ from django.utils.module_loading import import_string
 from . import outbox
 from .brokers import Broker, create_broker
 from .brokers.base import Outgoing
+from .brokers.database_sql import database_broker_errors
 from .conf import BackendConfig
 from .exceptions import EncodeError
 from .messages import EnvelopeTemplate, Message, new_id
@@ -324,6 +325,8 @@ class TasksBackend(BaseTaskBackend):
                     id="django_tasks.E002",
                 )
             )
+        elif config.broker_kind == "database":
+            errors += database_broker_errors(self.alias, config.database)
         for route_name, route in config.routes.items():
             queue = route.get("queue")
             if queue and self.queues and queue not in self.queues:
