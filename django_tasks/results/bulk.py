@@ -38,20 +38,42 @@ def upsert(using: str, results: Sequence[TaskResult], fields: Sequence[str]) -> 
     One statement, atomic by itself. When one id appears more than once, the last row wins (a
     database refuses to update a row twice in one statement).
     """
+    prepared_upsert(using, results, fields)()
+
+
+def prepared_upsert(
+    using: str, results: Sequence[TaskResult], fields: Sequence[str]
+) -> Callable[[], None]:
+    """upsert() in two steps: the rows are encoded now, the returned call writes them.
+
+    A caller that writes them in a transaction encodes them before it begins, so that the
+    transaction (on SQLite, the database's write lock) lasts no longer than its statements.
+    """
     rows = list({result.pk: result for result in results}.values())
-    if not rows:
-        return
     statement = _statement(connections[using].vendor, using, tuple(fields))
+    if not rows:
+        return _nothing
     if statement is None:
-        TaskResult.objects.using(using).bulk_create(
-            rows, update_conflicts=True, unique_fields=["id"], update_fields=list(fields)
-        )
-        return
+
+        def create() -> None:
+            TaskResult.objects.using(using).bulk_create(
+                rows, update_conflicts=True, unique_fields=["id"], update_fields=list(fields)
+            )
+
+        return create
     sql, columns = statement
     document = _json.encode([{name: convert(getattr(row, attname)) for name, attname, convert
                               in columns} for row in rows])  # fmt: skip
-    with connections[using].cursor() as cursor:
-        cursor.execute(sql, [document])
+
+    def write() -> None:
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [document])
+
+    return write
+
+
+def _nothing() -> None:
+    pass
 
 
 @lru_cache(maxsize=32)

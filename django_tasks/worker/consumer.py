@@ -305,8 +305,10 @@ class Consumer:
         tasks run again (at-least-once), never lost. PostgreSQL announces ``finished`` on
         commit (NOTIFY is transactional).
         """
+        # Encoded before the transaction begins: on SQLite it holds the database's write lock.
+        write_results = self.executor.store.prepare_finished(rows)
         with transaction.atomic(using=self.executor.store.using):
-            self.executor.store.save_finished(rows)
+            write_results()
             self._settle(pending, finished)
 
     def _give_back_until_done(self, deliveries: list[Delivery]) -> None:
