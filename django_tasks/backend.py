@@ -29,6 +29,7 @@ from django.utils.module_loading import import_string
 from . import outbox
 from .brokers import Broker, create_broker
 from .brokers.base import Outgoing
+from .brokers.database_sql import database_broker_errors
 from .conf import BackendConfig
 from .exceptions import EncodeError
 from .messages import Message, new_id
@@ -299,13 +300,15 @@ class TasksBackend(BaseTaskBackend):
                     id="django_tasks.E002",
                 )
             )
+        elif config.broker_kind == "database":
+            errors += database_broker_errors(self.alias, config.database)
         for path in config.middleware:
             try:
                 _middleware(path)
             except (ImportError, TypeError) as exc:
                 errors.append(checks.Error(
                     f"TASKS[{self.alias!r}]['OPTIONS']['MIDDLEWARE'] has {path!r}: {exc}",
-                    id="django_tasks.E004",
+                    id="django_tasks.E005",
                 ))  # fmt: skip
         for route_name, route in config.routes.items():
             queue = route.get("queue")

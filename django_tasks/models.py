@@ -108,17 +108,8 @@ def _defaults() -> list[tuple[str, Callable[[], Any]]]:
 class QueuedMessageQuerySet(models.QuerySet["QueuedMessage"]):
     """``now`` is a datetime, or an expression of the database's time (Now())."""
 
-    def ready(self, queue: str, now: datetime | models.Expression) -> QueuedMessageQuerySet:
-        """Unleased messages of ``queue`` that are due, in delivery order."""
-        return self.filter(queue=queue, leased_until__isnull=True, available_at__lte=now).order_by(
-            "-priority", "available_at", "id"
-        )
-
     def expired_leases(self, now: datetime | models.Expression) -> QueuedMessageQuerySet:
         return self.filter(leased_until__lt=now)
-
-    def leased_by(self, token: str) -> QueuedMessageQuerySet:
-        return self.filter(lease_token=token)
 
 
 class QueuedMessage(models.Model):

@@ -9,6 +9,7 @@ import pytest
 from django.core import checks
 from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
+from django.db import connections
 from django.test import override_settings
 
 from django_tasks.backend import get_backend
@@ -102,6 +103,29 @@ def test_check_reports_unknown_database_and_route_queue() -> None:
         call_command("check")
     assert "django_tasks.E002" in str(info.value)
     assert "django_tasks.E003" in str(info.value)
+
+
+@pytest.fixture
+def unsupported_database(settings: Any) -> Iterator[str]:
+    """A database alias of a vendor the database broker does not support (no server needed)."""
+    alias, engine = "unsupported", {"ENGINE": "django.db.backends.dummy"}
+    settings.DATABASES = {**settings.DATABASES, alias: engine}
+    connections.settings[alias] = engine
+    yield alias
+    del connections[alias]
+    del connections.settings[alias]
+
+
+@check_db
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+def test_check_reports_a_database_the_database_broker_does_not_support(
+    settings: Any, unsupported_database: str
+) -> None:
+    options = {"DATABASE": unsupported_database}
+    settings.TASKS = {"default": {"BACKEND": BACKEND, "OPTIONS": options}}
+    with pytest.raises(SystemCheckError, match=r"django_tasks\.E004") as info:
+        call_command("check")
+    assert "supports PostgreSQL and SQLite only" in str(info.value)
 
 
 @check_db

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import IntegrityError, connections, transaction
+from django.db import connections, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -23,9 +22,8 @@ from django_tasks.conf import BackendConfig
 from django_tasks.exceptions import BrokerConnectionError
 from django_tasks.messages import Message, new_id
 from django_tasks.models import QueuedMessage, TaskResult
-from django_tasks.results.bulk import upsert_statement
-from django_tasks.results.store import FINISHED_FIELDS
 from django_tasks.states import TaskState
+from django_tasks.worker.consumer import Consumer
 from tests.conftest import tasks_setting
 from tests.testapp import tasks
 
@@ -344,12 +342,12 @@ def test_postgres_query_counts(make: BrokerMaker) -> None:
     assert "UPDATE" in claim[0] and "SKIP LOCKED" in claim[0] and "RETURNING" in claim[0]
 
     assert len(sql_of("postgres", lambda: broker.extend(deliveries))) == 1
-    assert [q.split()[0] for q in sql_of("postgres", lambda: broker.ack(deliveries[:1]))] == [
-        "DELETE"
-    ]
-    # Acknowledging and announcing stored results: one statement too.
+    # Acknowledging, and announcing stored results: one transaction (usually the worker's).
+    acked = sql_of("postgres", lambda: broker.ack(deliveries[:1]))
+    assert [q.split()[0] for q in acked] == ["BEGIN", "DELETE", "COMMIT"]
     acked = sql_of("postgres", lambda: broker.ack(deliveries[1:], ["some-task-id"]))
-    assert len(acked) == 1 and "DELETE" in acked[0] and "pg_notify" in acked[0]
+    assert [q.split()[0] for q in acked] == ["BEGIN", "DELETE", "SELECT", "COMMIT"]
+    assert "pg_notify" in acked[2]
     assert broker.queue_lengths(["default"]) == {"default": 0}
     assert len(sql_of("postgres", lambda: broker.queue_lengths(["default", "hipri"]))) == 1
 
@@ -570,31 +568,37 @@ def test_consumers_vacuum_the_queue_table_as_they_go(make: BrokerMaker) -> None:
         time.sleep(0.05)
 
 
+REFUSE_ACKS = """
+CREATE FUNCTION dt_test_refuse_acks() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'acks are refused' USING ERRCODE = 'query_canceled'; END $$;
+CREATE TRIGGER dt_test_refuse_acks BEFORE DELETE ON django_tasks_queuedmessage
+FOR EACH ROW EXECUTE FUNCTION dt_test_refuse_acks();
+"""
+ACCEPT_ACKS = "DROP FUNCTION IF EXISTS dt_test_refuse_acks() CASCADE"
+
+
 @postgres_only
-def test_ack_commits_the_results_with_the_acknowledgement(make: BrokerMaker, settings: Any) -> None:
+def test_results_and_acks_commit_together(alias: str, settings: Any, logged: Any) -> None:
+    """While the database refuses the ack, the result stored before it is not committed
+    either: the message stays leased, no result is visible. Once the ack goes through, both do.
+    """
+    from django_tasks.backend import get_backend
+
     settings.DATABASE_ROUTERS = [ResultsOnPostgres()]
-    broker = make()
-    assert broker.acks_with("postgres") and not broker.acks_with("default")
-    sent = message()
-    broker.publish(sent)
-    deliveries = broker.consume(["default"], 1, 0)
-    row = TaskResult.build(id=sent.id, task_name=sent.task, state=TaskState.SUCCESS, result=3)
-    statement = upsert_statement("postgres", [row], FINISHED_FIELDS)
-    assert statement is not None
+    settings.TASKS = tasks_setting({"DATABASE": "postgres"})
+    result = tasks.add.delay(2, 3)
     with connections["postgres"].cursor() as cursor:
-        cursor.execute("LISTEN dt_results")
-    queries = sql_of("postgres", lambda: broker.ack(deliveries, [sent.id], statement))
-    assert len(queries) == 1
-    assert TaskResult.objects.using("postgres").get(pk=sent.id).result == 3
-    [announced] = connections["postgres"].connection.notifies(timeout=5, stop_after=1)
-    assert json.loads(announced.payload) == [sent.id]
-    assert broker.queue_lengths(["default"]) == {"default": 0}
-    # A statement that fails takes the ack with it: the message stays leased, nothing stored.
-    other = message()
-    broker.publish(other)
-    deliveries = broker.consume(["default"], 1, 0)
-    bad = (statement[0], [json.dumps([{"id": other.id, "task_name": None}])])
-    with pytest.raises(IntegrityError):
-        broker.ack(deliveries, [other.id], bad)
-    assert broker.queue_lengths(["default"]) == {"default": 1}
-    assert not TaskResult.objects.using("postgres").filter(pk=other.id).exists()
+        cursor.execute(REFUSE_ACKS)
+    try:
+        consumer = Consumer(get_backend(), ["default"], "test-0", burst=True, max_tasks=1)
+        done = start(consumer.run)
+        wait_for(lambda: "acknowledge 1 task(s)" in logged.text)
+        assert not TaskResult.objects.using("postgres").filter(pk=result.id).exists()
+        [row] = QueuedMessage.objects.using("postgres").filter(task_id=result.id)
+        assert row.leased_until is not None
+    finally:
+        with connections["postgres"].cursor() as cursor:
+            cursor.execute(ACCEPT_ACKS)
+    done()
+    assert TaskResult.objects.using("postgres").get(pk=result.id).state == TaskState.SUCCESS
+    assert not QueuedMessage.objects.using("postgres").filter(task_id=result.id).exists()

@@ -126,7 +126,7 @@ def test_a_middleware_that_cannot_be_imported_is_a_check_error(settings: Any) ->
     settings.TASKS = tasks_setting({"MIDDLEWARE": ["tests.testapp.middleware.Nowhere",
                                                    "tests.testapp.tasks.add"]})  # fmt: skip
     errors = get_backend().check()
-    assert [e.id for e in errors] == ["django_tasks.E004", "django_tasks.E004"]
+    assert [e.id for e in errors] == ["django_tasks.E005", "django_tasks.E005"]
     assert "Nowhere" in errors[0].msg and "not a subclass" in errors[1].msg
 
 

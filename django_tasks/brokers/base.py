@@ -94,23 +94,13 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def ack(
-        self,
-        deliveries: Sequence[Delivery],
-        results: Sequence[str] = (),
-        statement: tuple[str, list[Any]] | None = None,
-    ) -> None:
+    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
         """Remove finished deliveries for good, then announce ``results`` (see notify_results).
 
         The ids in ``results`` are those of results just stored for these deliveries; waiting
         callers are told in the same round trip where the broker can. One round trip for the
-        batch. ``statement`` (SQL and parameters), only where ``acks_with()`` allows it, runs
-        in the same transaction, before the messages are removed.
+        batch.
         """
-
-    def acks_with(self, using: str) -> bool:
-        """Whether ack() can run a statement on the database ``using`` in its transaction."""
-        return False
 
     @abstractmethod
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:

@@ -36,7 +36,7 @@ from django.db import (
     router,
     transaction,
 )
-from django.db.models import Count, Expression, F, Q
+from django.db.models import Count, Expression, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -59,13 +59,7 @@ from .database_listen import (
     database_key,
     libpq_connect_timeout,
 )
-from .database_sql import (
-    ack_sql,
-    can_claim_in_one_statement,
-    claim_params,
-    claim_sql,
-    send_sql,
-)
+from .database_sql import claim_params, claim_sql, send_sql
 from .notifications import Hub, Waiter, announced_ids
 
 if TYPE_CHECKING:
@@ -73,8 +67,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_tasks.brokers.database")
 
-#: The order of QueuedMessageQuerySet.ready(): higher priority first, then publish order.
-DELIVERY_ORDER = ("-priority", "available_at", "id")
 #: The PostgreSQL channel of result notifications; payloads are JSON lists of task ids.
 RESULTS_CHANNEL = "dt_results"
 #: NOTIFY payloads must stay under 8000 bytes.
@@ -132,11 +124,6 @@ class DatabaseBroker(Broker):
             self.connection.settings_dict["OPTIONS"].setdefault("connect_timeout", seconds)
 
     @property
-    def skip_locked(self) -> bool:
-        """Whether the database has SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL does)."""
-        return bool(self.connection.features.has_select_for_update_skip_locked)
-
-    @property
     def can_notify(self) -> bool:
         """Whether the database has NOTIFY (whatever the driver of this process)."""
         return self.connection.vendor == "postgresql"
@@ -178,60 +165,34 @@ class DatabaseBroker(Broker):
     # Sending --------------------------------------------------------------------------------
 
     def send(self, batch: Sequence[Outgoing]) -> None:
-        """Insert the batch with one INSERT, then wake the consumers of its queues."""
+        """Insert the batch with one statement that, on PostgreSQL, wakes the consumers too.
+
+        The wake-up is a NOTIFY of each queue's channel in the same statement: transactional,
+        it fires when the caller's transaction commits. Elsewhere idle consumers poll.
+        """
         if not batch:
             return
-        woken = (m.queue for m, _ in batch if _due_soon(m.eta, self.max_wait))
-        if self.can_notify:
-            # One statement inserts and notifies: one round trip (and one commit).
-            with self._errors("store messages"):
-                self._send_and_notify(batch, woken)
-            return
+        connection = self.connection
+        postgres = connection.vendor == "postgresql"
+        adapt = connection.ops.adapt_datetimefield_value
         now = timezone.now()
-        rows = [self._row(message, body, now) for message, body in batch]
-        with self._errors("store messages"):
-            self.messages().bulk_create(rows)
-        try:
-            with self._errors("wake the consumers"):
-                self._notify_queues(woken)
-        except BrokerConnectionError as exc:
-            if self.connection.in_atomic_block:
-                raise  # The caller's transaction fails: nothing is stored.
-            # Outside atomic() the INSERT is committed: the task is queued and will run, so
-            # say so (a caller told otherwise would send it again). Idle consumers find it
-            # within max_wait without the notification.
-            logger.warning("Stored %d message(s) without waking the consumers: %s", len(rows), exc)
-
-    def _send_and_notify(self, batch: Sequence[Outgoing], queues: Iterable[str]) -> None:
-        """Insert and notify with send_sql(); the database's clock times the messages."""
         rows = []
         for message, body in batch:
             at, delay = _due(message.eta, message.eta_from_countdown)
-            rows.append(
-                {
-                    "task_id": message.id,
-                    "queue": message.queue,
-                    "priority": message.priority,
-                    "available_at": None if at is None else at.isoformat(),
-                    "delay": delay,
-                    "delayed": _is_delayed(message.eta),
-                    "body": body,
-                }
-            )
-        channels = sorted({queue_channel(q) for q in queues})
-        with self.connection.cursor() as cursor:
-            cursor.execute(send_sql(), [_compact.encode(rows), channels])
-
-    def _row(self, message: Message, body: str, now: datetime) -> QueuedMessage:
-        return QueuedMessage(
-            task_id=message.id,
-            queue=message.queue,
-            priority=message.priority,
-            available_at=_available_at(message.eta, message.eta_from_countdown, now),
-            delayed=_is_delayed(message.eta),
-            body=body,
-            created_at=now,
-        )
+            row = {"task_id": message.id, "queue": message.queue, "priority": message.priority,
+                   "delayed": _is_delayed(message.eta), "body": body}  # fmt: skip
+            if postgres:  # The database's clock adds the delay (see send_sql()).
+                row.update(available_at=None if at is None else at.isoformat(), delay=delay)
+            else:
+                row.update(available_at=adapt(at or now + timedelta(seconds=delay)))
+            rows.append(row)
+        if postgres:
+            woken = {queue_channel(m.queue) for m, _ in batch if _due_soon(m.eta, self.max_wait)}
+            params: list[Any] = [_compact.encode(rows), sorted(woken)]
+        else:
+            params = [adapt(now), _compact.encode(rows)]
+        with self._errors("store messages"), connection.cursor() as cursor:
+            cursor.execute(send_sql(connection.vendor), params)
 
     def _notify_queues(self, queues: Iterable[str]) -> None:
         """NOTIFY the channels of ``queues``; transactional, so it fires on commit."""
@@ -336,12 +297,14 @@ class DatabaseBroker(Broker):
         if time.monotonic() < self._next_lease_check:
             return
         self._next_lease_check = time.monotonic() + self.lease_check_interval
+        self._retry_locked(self._end_expired_leases)
+
+    def _end_expired_leases(self) -> None:
         expired = self.messages().expired_leases(self._now())
-        if not self.skip_locked:
-            self._retry_locked(lambda: expired.update(leased_until=None, lease_token=""))
-            return
         with transaction.atomic(using=self.alias):
-            # Skip the rows another consumer holds: this never waits, so it never deadlocks.
+            # PostgreSQL: skip the rows another consumer holds, so this never waits and never
+            # deadlocks. SQLite has no row locks (Django leaves FOR UPDATE out): one statement
+            # runs at a time.
             expired = self.messages().filter(
                 pk__in=expired.select_for_update(skip_locked=True).values("pk")
             )
@@ -353,14 +316,9 @@ class DatabaseBroker(Broker):
         Also returns what _claim_all() says of its queues, for this queue only (PostgreSQL).
         """
         token = secrets.token_hex(16)
-        idle_until, offset = None, 0.0
-        if can_claim_in_one_statement(self.connection):
-            rows, idle_until, offset = self._retry_locked(
-                lambda: self._claim_returning(queue, count, token)
-            )
-        else:
-            claim = self._claim_skipping_locked if self.skip_locked else self._claim_serialised
-            rows = self._retry_locked(lambda: claim(queue, count, token))
+        rows, idle_until, offset = self._retry_locked(
+            lambda: self._claim_returning(queue, count, token)
+        )
         return [self._delivery(queue, token, offset, *row) for row in rows], idle_until
 
     def _claim_returning(
@@ -402,38 +360,6 @@ class DatabaseBroker(Broker):
         """Whether TaskResult rows are written to this broker's database."""
         return bool(router.db_for_write(TaskResult) == self.alias)
 
-    def _claim_skipping_locked(self, queue: str, count: int, token: str) -> list[tuple[Any, ...]]:
-        """Lock ready rows no one else holds, then lease them: BEGIN, SELECT, UPDATE, COMMIT."""
-        now = self._now()
-        with transaction.atomic(using=self.alias):
-            ready = self.messages().ready(queue, now).select_for_update(skip_locked=True)
-            rows = list(ready.values_list("pk", "body", "delivery_count")[:count])
-            if rows:
-                leased = self.messages().filter(pk__in=[pk for pk, _, _ in rows])
-                leased.update(**self._lease(now, token))
-        return [(pk, body, deliveries + 1) for pk, body, deliveries in rows]
-
-    def _claim_serialised(self, queue: str, count: int, token: str) -> list[tuple[Any, ...]]:
-        """Lease with one UPDATE whose subquery picks the rows, then read them back.
-
-        Without SKIP LOCKED, the UPDATE itself must re-check that the rows are free: on SQLite a
-        statement runs under the database's write lock, so two consumers never take one row.
-        """
-        now = self._now()
-        picked = self.messages().ready(queue, now).values("pk")[:count]
-        if not self.messages().filter(pk__in=picked).update(**self._lease(now, token)):
-            return []
-        leased = self.messages().leased_by(token).order_by(*DELIVERY_ORDER)
-        return list(leased.values_list("pk", "body", "delivery_count"))
-
-    def _lease(self, now: Instant, token: str) -> dict[str, Any]:
-        """The column values of a new lease."""
-        return {
-            "leased_until": now + timedelta(seconds=self.config.lease_seconds),
-            "lease_token": token,
-            "delivery_count": F("delivery_count") + 1,
-        }
-
     def _retry_locked[T](self, operation: Callable[[], T]) -> T:
         """Run ``operation``, retrying briefly while SQLite says "database is locked"."""
         for delay in LOCKED_RETRY_DELAYS:
@@ -472,32 +398,19 @@ class DatabaseBroker(Broker):
 
     # Ending leases --------------------------------------------------------------------------
 
-    def acks_with(self, using: str) -> bool:
-        """On PostgreSQL, ack() can run a statement on this broker's database with the ack."""
-        return self.can_notify and using == self.alias
-
-    def ack(
-        self,
-        deliveries: Sequence[Delivery],
-        results: Sequence[str] = (),
-        statement: tuple[str, list[Any]] | None = None,
-    ) -> None:
+    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
         """Delete the rows these leases still own, with one DELETE; then notify ``results``.
 
-        On PostgreSQL all of it, ``statement`` first, is one statement: one commit.
+        One transaction; or part of the caller's (the worker stores the results of these
+        deliveries in the same one): both take effect on its commit, as PostgreSQL's NOTIFY
+        is transactional.
         """
-        if deliveries and (results or statement) and self.can_notify:
-            with self._errors("acknowledge messages"):
-                deleted = self._ack_and_notify(deliveries, results, statement)
-            self._warn_if_taken_over("ack", deliveries, deleted, kept=0)
-        elif statement is not None:
-            raise NotImplementedError("ack(statement=...) needs acks_with() to be true")
-        else:
+        if not deliveries and not results:
+            return
+        with transaction.atomic(using=self.alias, savepoint=False):
             if deliveries:
                 with self._errors("acknowledge messages"):
-                    # QuerySet.delete() would wrap this single statement in BEGIN ... COMMIT;
-                    # the table has no relations and no signals to honour: delete directly.
-                    deleted = self._owned(deliveries)._raw_delete(self.alias)
+                    deleted, _ = self._owned(deliveries).delete()
                 self._warn_if_taken_over("ack", deliveries, deleted, kept=0)
             self.notify_results(results)
         self._vacuum_if_due(len(deliveries))
@@ -509,10 +422,13 @@ class DatabaseBroker(Broker):
             not self.vacuum_every
             or self._acked_since_vacuum < self.vacuum_every
             or self.connection.vendor != "postgresql"
-            or self.connection.in_atomic_block  # VACUUM cannot run in a transaction.
         ):
             return
         self._acked_since_vacuum = 0
+        # VACUUM cannot run in a transaction: after the caller's commits (now, if none).
+        transaction.on_commit(self._vacuum, using=self.alias)
+
+    def _vacuum(self) -> None:
         table = self.connection.ops.quote_name(QueuedMessage._meta.db_table)
         try:
             with self.connection.cursor() as cursor:
@@ -520,24 +436,6 @@ class DatabaseBroker(Broker):
                 cursor.execute(f"VACUUM (SKIP_LOCKED) {table}")
         except DatabaseError as exc:
             logger.warning("Could not vacuum the queue table %s: %s", table, exc)
-
-    def _ack_and_notify(
-        self,
-        deliveries: Sequence[Delivery],
-        results: Sequence[str],
-        statement: tuple[str, list[Any]] | None,
-    ) -> int:
-        pks, tokens = [], []
-        for delivery in deliveries:
-            pk, token = _lease(delivery)
-            pks.append(pk)
-            tokens.append(token)
-        payloads = list(_payloads(results))
-        channels = [RESULTS_CHANNEL] * len(payloads)
-        before, params = statement if statement is not None else ("", [])
-        with self.connection.cursor() as cursor:
-            cursor.execute(ack_sql(before), [*params, pks, tokens, channels, payloads])
-            return int(cursor.fetchone()[0])
 
     def requeue(self, delivery: Delivery, message: Message, eta: float | None = None) -> None:
         """Turn the leased row into ``message``, ready at ``eta``, with one UPDATE.
@@ -648,8 +546,8 @@ class DatabaseBroker(Broker):
             task_id=task_id, queue__in=list(queues), leased_until__isnull=True
         )
         with self._errors("remove a message"):
-            # A single statement on a table without relations or signals: see ack().
-            return bool(waiting._raw_delete(self.alias))
+            deleted, _ = waiting.delete()
+        return bool(deleted)
 
     # Results --------------------------------------------------------------------------------
 

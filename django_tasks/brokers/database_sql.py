@@ -1,9 +1,10 @@
-"""The database broker's hot statements, one round trip each, where the database allows it.
+"""The database broker's hot statements, send and claim, one round trip each.
 
 The ORM would lease in a transaction of four round trips (BEGIN, SELECT ... FOR UPDATE SKIP
-LOCKED, UPDATE, COMMIT). PostgreSQL and SQLite (3.35 and later) can pick, lease and return the
-rows with one ``UPDATE ... RETURNING``, a transaction by itself. Other databases keep the ORM
-path in database.py.
+LOCKED, UPDATE, COMMIT), and send with two on PostgreSQL (INSERT, then NOTIFY). PostgreSQL and
+SQLite (3.35 and later) pick, lease and return the rows with one ``UPDATE ... RETURNING``, a
+transaction by itself; they are the databases the broker supports (see unsupported_database(),
+reported by the system checks).
 
 Only quoted table and column names of our own models go into the SQL text; every value is a
 parameter.
@@ -24,6 +25,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from django.core import checks
+from django.db import connections
+
 from ..models import QueuedMessage, TaskResult
 from ..states import TaskState
 
@@ -36,13 +40,25 @@ CLAIM_COLUMNS = ("id", "body", "delivery_count", "priority", "available_at")
 PG_NOW = "statement_timestamp()"
 
 
-def can_claim_in_one_statement(connection: BaseDatabaseWrapper) -> bool:
+def database_broker_errors(backend: str, alias: str) -> list[checks.Error]:
+    """The system-check error of a database broker on a database it does not support."""
+    problem = unsupported_database(connections[alias])
+    if problem is None:
+        return []
+    message = f"TASKS[{backend!r}] keeps its queues on the database {alias!r}, but {problem}."
+    return [checks.Error(message, id="django_tasks.E004")]
+
+
+def unsupported_database(connection: BaseDatabaseWrapper) -> str | None:
+    """Why the database broker cannot run on ``connection``'s database; None when it can."""
     if connection.vendor == "postgresql":
-        return True
+        return None
     if connection.vendor == "sqlite":
         version: tuple[int, ...] = getattr(connection, "Database").sqlite_version_info  # noqa: B009
-        return version >= (3, 35)
-    return False
+        if version >= (3, 35):
+            return None
+        return f"SQLite {'.'.join(map(str, version))} has no UPDATE ... RETURNING (3.35 has)"
+    return f"the database broker supports PostgreSQL and SQLite only, not {connection.display_name}"
 
 
 @lru_cache(maxsize=8)
@@ -152,48 +168,34 @@ SEND_FIELDS = (
 )
 
 
-@lru_cache(maxsize=1)
-def send_sql() -> str:
-    """PostgreSQL: insert a batch of messages and NOTIFY channels, in one statement.
+@lru_cache(maxsize=2)
+def send_sql(vendor: str) -> str:
+    """Insert a batch of messages with one statement; on PostgreSQL, NOTIFY channels too.
 
-    Parameters: the messages as one JSON array of objects (SEND_FIELDS), then the channels to
-    notify (a text array). A message is due at its ``available_at`` or, when that is null,
-    ``delay`` seconds from now by the database's clock. Notifications are transactional: they
-    fire on commit.
+    Parameters on PostgreSQL: the messages as one JSON array of objects (SEND_FIELDS), then
+    the channels to notify (a text array; notifications are transactional: they fire on
+    commit). A message is due at its ``available_at`` or, when that is null, ``delay``
+    seconds from now by the database's clock. Elsewhere: the time now (as the database stores
+    times), then the messages, each due at its ``available_at`` (worked out by the caller).
     """
     table = _quote(QueuedMessage._meta.db_table)
-    record = ", ".join(f"{_quote(name)} {kind}" for name, kind in SEND_FIELDS)
     columns = ["task_id", "queue", "priority", "available_at", "delayed", "body", "created_at"]
     columns += ["leased_until", "lease_token", "delivery_count"]
     names = ", ".join(_quote(_column(QueuedMessage, name)) for name in columns)
-    due = f"COALESCE(r.available_at, {PG_NOW} + make_interval(secs => r.delay))"
-    values = f"r.task_id, r.queue, r.priority, {due}, r.delayed, r.body, {PG_NOW}, NULL, '', 0"
+    if vendor == "postgresql":
+        record = ", ".join(f"{_quote(name)} {kind}" for name, kind in SEND_FIELDS)
+        due = f"COALESCE(r.available_at, {PG_NOW} + make_interval(secs => r.delay))"
+        values = f"r.task_id, r.queue, r.priority, {due}, r.delayed, r.body, {PG_NOW}, NULL, '', 0"
+        return (
+            f"WITH inserted AS (INSERT INTO {table} ({names}) SELECT {values} "  # noqa: S608
+            f"FROM jsonb_to_recordset(%s::jsonb) AS r({record}) RETURNING 1) "
+            "SELECT (SELECT count(*) FROM inserted), pg_notify(c, '') FROM unnest(%s::text[]) AS c"
+        )
+    fields = ("task_id", "queue", "priority", "available_at", "delayed", "body")
+    values = ", ".join(f"json_extract(value, '$.{name}')" for name in fields)
     return (
-        f"WITH inserted AS (INSERT INTO {table} ({names}) SELECT {values} "  # noqa: S608
-        f"FROM jsonb_to_recordset(%s::jsonb) AS r({record}) RETURNING 1) "
-        "SELECT (SELECT count(*) FROM inserted), pg_notify(c, '') FROM unnest(%s::text[]) AS c"
-    )
-
-
-@lru_cache(maxsize=4)
-def ack_sql(before: str = "") -> str:
-    """PostgreSQL: delete leased messages and NOTIFY result announcements, in one statement.
-
-    Parameters: those of ``before``, a statement run first in the same transaction (it must
-    take RETURNING; the results of the messages, say); the primary keys and the lease tokens
-    of the deliveries (two arrays of the same length: a row is deleted only while its lease
-    is still the delivery's); the channels and payloads to notify. Returns one row: the
-    number of messages deleted.
-    """
-    table = _quote(QueuedMessage._meta.db_table)
-    pk, token = (_quote(_column(QueuedMessage, f)) for f in ("id", "lease_token"))
-    first = f"done AS ({before} RETURNING 1), " if before else ""
-    return (
-        f"WITH {first}deleted AS (DELETE FROM {table} WHERE ({pk}, {token}) IN "  # noqa: S608
-        "(SELECT * FROM unnest(%s::bigint[], %s::text[])) RETURNING 1), "
-        "notified AS (SELECT pg_notify(n.c, n.p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)) "
-        "SELECT (SELECT count(*) FROM deleted), (SELECT count(*) FROM notified)"
-        + (", (SELECT count(*) FROM done)" if before else "")
+        f"INSERT INTO {table} ({names}) "  # noqa: S608
+        f"SELECT {values}, %s, NULL, '', 0 FROM json_each(%s)"
     )
 
 

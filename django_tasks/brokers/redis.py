@@ -737,19 +737,11 @@ class RedisBroker(Broker):
     # Ending and renewing leases.
 
     @_translate_errors("acknowledge messages")
-    def ack(
-        self,
-        deliveries: Sequence[Delivery],
-        results: Sequence[str] = (),
-        statement: tuple[str, list[Any]] | None = None,
-    ) -> None:
+    def ack(self, deliveries: Sequence[Delivery], results: Sequence[str] = ()) -> None:
         """Delete the messages and their leases, then publish ``results``.
 
-        One script per queue (the first one publishes), all in one round trip. No
-        ``statement``: acks_with() is false.
+        One script per queue (the first one publishes), all in one round trip.
         """
-        if statement is not None:
-            raise NotImplementedError("The Redis broker cannot run SQL with its ack.")
         calls = {queue: ["", "", *held] for queue, held in _held_by_queue(deliveries).items()}
         if results:
             channel = self.results_channel

@@ -37,35 +37,42 @@ def upsert(using: str, results: Sequence[TaskResult], fields: Sequence[str]) -> 
     One statement, atomic by itself. When one id appears more than once, the last row wins (a
     database refuses to update a row twice in one statement).
     """
-    rows = list({result.pk: result for result in results}.values())
-    if not rows:
-        return
-    statement = upsert_statement(using, rows, fields)
-    if statement is None:
-        TaskResult.objects.using(using).bulk_create(
-            rows, update_conflicts=True, unique_fields=["id"], update_fields=list(fields)
-        )
-        return
-    with connections[using].cursor() as cursor:
-        cursor.execute(*statement)
+    prepared_upsert(using, results, fields)()
 
 
-def upsert_statement(
+def prepared_upsert(
     using: str, results: Sequence[TaskResult], fields: Sequence[str]
-) -> tuple[str, list[str]] | None:
-    """The SQL and parameters upsert() runs, or None on a database without them.
+) -> Callable[[], None]:
+    """upsert() in two steps: the rows are encoded now, the returned call writes them.
 
-    A database broker on the same database runs it in the statement that acknowledges the
-    messages (DatabaseBroker.ack), so results and acks commit together.
+    A caller that writes them in a transaction encodes them before it begins, so that the
+    transaction (on SQLite, the database's write lock) lasts no longer than its statements.
     """
     rows = list({result.pk: result for result in results}.values())
     statement = _statement(connections[using].vendor, using, tuple(fields))
-    if statement is None or not rows:
-        return None
+    if not rows:
+        return _nothing
+    if statement is None:
+
+        def create() -> None:
+            TaskResult.objects.using(using).bulk_create(
+                rows, update_conflicts=True, unique_fields=["id"], update_fields=list(fields)
+            )
+
+        return create
     sql, columns = statement
     document = _json.encode([{name: convert(getattr(row, attname)) for name, attname, convert
                               in columns} for row in rows])  # fmt: skip
-    return sql, [document]
+
+    def write() -> None:
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [document])
+
+    return write
+
+
+def _nothing() -> None:
+    pass
 
 
 @lru_cache(maxsize=32)

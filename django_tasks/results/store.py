@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback as tb
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from inspect import isclass
 from typing import Any
@@ -19,7 +19,7 @@ from ..exceptions import ResultRefused, TaskFailedError
 from ..messages import Message
 from ..models import TaskResult
 from ..states import UNREADY_STATES, TaskState
-from .bulk import upsert, upsert_statement
+from .bulk import prepared_upsert
 
 logger = logging.getLogger("django_tasks.results")
 
@@ -129,8 +129,16 @@ class ResultStore:
         A row of a later attempt keeps the errors of the earlier ones: Django's
         TaskResult.errors lists every failed attempt.
         """
+        self.prepare_finished(results)()
+
+    def prepare_finished(self, results: Sequence[TaskResult]) -> Callable[[], None]:
+        """save_finished() in two steps: the rows are made ready now (the errors of earlier
+        attempts read, the values encoded); the returned call writes them with one statement.
+
+        The worker calls it before the transaction that writes them with its acks.
+        """
         self._add_earlier_errors(results)
-        self._upsert(results, FINISHED_FIELDS)
+        return prepared_upsert(self.using, results, FINISHED_FIELDS)
 
     def save_finished_or_lean(self, results: Sequence[TaskResult]) -> list[TaskResult]:
         """save_finished(), where the database refuses no row for good.
@@ -167,15 +175,6 @@ class ResultStore:
                 unstored.append(result)
         return unstored
 
-    def finished_statement(self, results: Sequence[TaskResult]) -> tuple[str, list[str]] | None:
-        """What save_finished() would run, as one SQL statement and its parameters, or None.
-
-        For a database broker on the same database, which runs it with its ack (see
-        Broker.ack).
-        """
-        self._add_earlier_errors(results)
-        return upsert_statement(self.using, results, FINISHED_FIELDS)
-
     def _add_earlier_errors(self, results: Sequence[TaskResult]) -> None:
         """Put the errors of earlier attempts before those of this one (one query, if any)."""
         later = {r.id: r for r in results if len(r.worker_ids) > 1 and not r._earlier_errors}
@@ -205,9 +204,6 @@ class ResultStore:
         row.errors = [*row.errors, entry]
         row.date_done = timezone.now()
         row.save(using=self.using)
-
-    def _upsert(self, results: Sequence[TaskResult], fields: list[str]) -> None:
-        upsert(self.using, results, fields)
 
     def revoke(
         self,

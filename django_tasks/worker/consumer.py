@@ -3,7 +3,8 @@
 Each pool child (or pool thread) runs one Consumer, so tasks never pass through the parent. The
 order after running a batch is fixed: the "succeeded" lines are written, results are committed,
 then the deliveries are acked, then waiting callers are notified. A crash between the commit and
-the ack runs a task again (at-least-once); it never loses one.
+the ack runs a task again (at-least-once); it never loses one. Where the database broker keeps
+its messages on the results' database, results and acks commit in one transaction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import DatabaseError, close_old_connections, connections, transaction
 
 from ..backend import TasksBackend
 from ..brokers import Broker, Delivery
@@ -267,15 +268,14 @@ class Consumer:
             return
         rows = [o.row for o in pending if o.row is not None]
         finished = [r.id for r in rows if r.state in READY_STATES]
-        if self._acks_with_results(pending, rows):
-            # The database broker on the results' database: results and acks, one commit.
+        if self._settles_with_results(pending):
             try:
-                self._until_done("store and acknowledge", len(pending),
-                                 lambda: self._store_and_ack(pending, rows, finished))  # fmt: skip
+                step = lambda: self._store_and_settle(pending, rows, finished)  # noqa: E731
+                self._until_done("store and acknowledge", len(pending), step)
             except Exception as exc:
                 if not is_refusal(exc):
                     raise
-                # Nothing was committed: store row by row, then acknowledge (below).
+                # Rolled back, nothing stored or acked: store row by row, then ack (below).
                 logger.warning("The result store refused a batch of %d: %s", len(rows), exc)
             else:
                 self._done(pending)
@@ -290,19 +290,30 @@ class Consumer:
         self._unhold([o.delivery for o in pending])
         self.executor.middleware.after_ack([o.run for o in pending if o.run is not None])
 
-    def _acks_with_results(self, pending: list[Outcome], rows: list[TaskResult]) -> bool:
-        """Whether this batch's results can be written by the broker's ack statement."""
-        simple = all(o.retry is None and o.dead_letter is None for o in pending)
-        return bool(rows) and simple and self.broker.acks_with(self.executor.store.using)
+    def _settles_with_results(self, pending: list[Outcome]) -> bool:
+        """Whether the broker's messages live on the results' database, so that this batch's
+        results and acks can commit in one transaction (dead letters take the two steps).
+        """
+        return (
+            self.broker.transactional
+            and self.backend.config.database == self.executor.store.using
+            and all(o.dead_letter is None for o in pending)
+        )
 
-    def _store_and_ack(
+    def _store_and_settle(
         self, pending: list[Outcome], rows: list[TaskResult], finished: list[str]
     ) -> None:
-        statement = self.executor.store.finished_statement(rows)
-        deliveries = [o.delivery for o in pending]
-        if statement is None:  # A database without one: two steps after all.
-            self.executor.store.save_finished(rows)
-        self.broker.ack(deliveries, finished, statement)
+        """Results, requeues and acks in one transaction: all of them commit, or none.
+
+        A crash before the commit leaves the deliveries leased and no result stored: the
+        tasks run again (at-least-once), never lost. PostgreSQL announces ``finished`` on
+        commit (NOTIFY is transactional).
+        """
+        # Encoded before the transaction begins: on SQLite it holds the database's write lock.
+        write_results = self.executor.store.prepare_finished(rows)
+        with transaction.atomic(using=self.executor.store.using):
+            write_results()
+            self._settle(pending, finished)
 
     def _give_back_until_done(self, deliveries: list[Delivery]) -> None:
         self._until_done("give back", len(deliveries), lambda: self._give_back(deliveries))
