@@ -271,14 +271,27 @@ def test_each_task_of_a_batch_gets_its_line_before_its_result_is_stored(
     worker_logger = logging.getLogger("django_tasks.worker")
     collect = Collect(logging.INFO)
     stores: list[tuple[int, int]] = []  # (lines written, results stored) at each store
-    save_finished = ResultStore.save_finished
+    save_finished, prepare_finished = ResultStore.save_finished, ResultStore.prepare_finished
 
-    def noting(store: ResultStore, rows: Any) -> None:
+    def note(rows: Any) -> None:
         stored = (stores[-1][1] if stores else 0) + len(rows)
         stores.append((len(collect.records), stored))
+
+    def noting(store: ResultStore, rows: Any) -> None:
+        note(rows)
         save_finished(store, rows)
 
+    def preparing(store: ResultStore, rows: Any) -> Any:
+        write = prepare_finished(store, rows)
+
+        def written() -> None:  # The database broker writes them with its acks.
+            note(rows)
+            write()
+
+        return written
+
     monkeypatch.setattr(ResultStore, "save_finished", noting)
+    monkeypatch.setattr(ResultStore, "prepare_finished", preparing)
     level = worker_logger.level
     worker_logger.setLevel(logging.INFO)
     worker_logger.addHandler(collect)
